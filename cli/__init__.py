@@ -1,0 +1,1 @@
+"""The `cosmos` command line (installed as the package `cosmos_cli`)."""

@@ -1,0 +1,36 @@
+"""cosmos: a from-scratch PyTorch toolkit for COSMOS vision-language pre-training and zero-shot evaluation."""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="cosmos-vlp",
+    version="0.1.0",
+    description="COSMOS (CVPR 2025) cross-modality self-distillation for CLIP models: train, load, evaluate.",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    # The Typer app lives in the top-level cli/ folder but is installed as `cosmos_cli`, so the package does
+    # not take the generic import name `cli` in site-packages.
+    packages=find_packages(include=["cosmos", "cosmos.*"]) + ["cosmos_cli"],
+    package_dir={"cosmos_cli": "cli"},
+    # The CLIP BPE merges file lives in weights/ (see weights/README.md for its licence); a regular install copies
+    # it to <prefix>/share/cosmos-vlp/weights, an editable install reads it from the repository.
+    data_files=[("share/cosmos-vlp/weights", ["weights/bpe_simple_vocab_16e6.txt.gz", "weights/README.md"])],
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "numpy",
+        "pillow",
+        "regex",
+        "ftfy",
+        "typer>=0.9",
+    ],
+    extras_require={
+        # References for parity tests only; the library never imports them.
+        "test": ["pytest", "open-clip-torch==3.3.0", "webdataset"],
+    },
+    entry_points={"console_scripts": ["cosmos=cosmos_cli.main:main"]},
+)
