@@ -1,0 +1,1 @@
+"""cosmos: COSMOS vision-language models in plain PyTorch."""

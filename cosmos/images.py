@@ -1,0 +1,61 @@
+"""Opening images the way every command needs them: any common format, EXIF-rotated, as RGB, with clear errors."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import CosmosError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation, then convert any mode (L, LA, P, RGBA, CMYK, I;16...) to RGB.
+
+    Transparent pixels are composited on white, so an RGBA logo does not turn black.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = image.point(lambda v: v / 256).convert("L")
+    return image.convert("RGB")
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Read an image file fully into memory as RGB. Raises CosmosError naming the file when it cannot."""
+    path = Path(path)
+    if not path.exists():
+        raise CosmosError(f"{path}: no such file")
+    if path.is_dir():
+        raise CosmosError(f"{path}: is a directory, not an image")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CosmosError(f"{path}: cannot read ({e.strerror or e})") from None
+    return decode_image(data, name=str(path))
+
+
+def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
+    """Decode image bytes to RGB; CosmosError (naming `name`) for empty, truncated, bomb or non-image data."""
+    if not data:
+        raise CosmosError(f"{name}: empty file (0 bytes), not an image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            image.load()
+    except UnidentifiedImageError:
+        raise CosmosError(f"{name}: not an image (unknown format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise CosmosError(f"{name}: image too large, refused as a decompression bomb ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise CosmosError(f"{name}: corrupt or truncated image ({e})") from None
+    return to_rgb(image)
