@@ -11,7 +11,7 @@ setup(
     description="COSMOS (CVPR 2025) cross-modality self-distillation for CLIP models: train, load, evaluate.",
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     # The Typer app lives in the top-level cli/ folder but is installed as `cosmos_cli`, so the package does
     # not take the generic import name `cli` in site-packages.
     packages=find_packages(include=["cosmos", "cosmos.*"]) + ["cosmos_cli"],

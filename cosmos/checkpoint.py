@@ -1,0 +1,315 @@
+"""Saving and loading: one loader for every checkpoint flavour, and the registry of released COSMOS weights.
+
+Accepted files (always read with `torch.load(weights_only=True)`: a checkpoint is untrusted pickle otherwise):
+- ours: {"format": "cosmos", "config", "student", "teacher"?, "tokenizer"?, "labels"?, ...}
+- a released COSMOS file: {"student", "teacher", "epoch", ...}; student keys may carry `module.` (DDP)
+- an OpenCLIP training checkpoint: {"state_dict", "epoch", "optimizer", ...}, keys possibly `module.`-prefixed
+- a raw OpenCLIP / CLIP state dict
+`logit_scale` may be 0-dim or [1]. When a file carries no config it is inferred from the tensor shapes; QuickGELU
+cannot be seen in tensors, so it is a load option (off: COSMOS and LAION models use GELU). A plain CLIP file loads
+into the CLIP part of the model (the COSMOS extras are then absent: `model.config.cosmos` is False).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import socket
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .errors import CosmosError
+from .model.cosmos import CosmosConfig, CosmosModel, TextConfig, VisionConfig, get_config, is_cosmos_extra
+from .paths import cache_dir
+
+FORMAT = "cosmos"
+FORMAT_VERSION = 1
+
+# --- the registry of released checkpoints ----------------------------------------------------------------------
+HUB_URL = "https://huggingface.co/sankim2/cosmos/resolve/main"
+RELEASED = {
+    f"cosmos_vitb{patch}_{data}": f"cosmos_vitb{patch}_{data}.pt"
+    for patch in (16, 32)
+    for data in ("cc3m", "cc12m", "yfcc15m", "merged30m", "pixelprose")
+}
+
+
+def hub_url(name: str) -> str:
+    """Download address of a released checkpoint; $COSMOS_HUB_URL replaces the Hugging Face base (mirrors, tests)."""
+    base = os.environ.get("COSMOS_HUB_URL", HUB_URL).rstrip("/")
+    return f"{base}/{RELEASED[name]}"
+
+
+ProgressFn = Callable[[int, int | None], None]  # (bytes so far, total bytes or None)
+
+
+def download(name: str, progress: ProgressFn | None = None, timeout: float = 30.0) -> Path:
+    """Fetch a released checkpoint into the cache once; resume a broken download from its `.part` file."""
+    if name not in RELEASED:
+        raise CosmosError(f"unknown checkpoint name {name!r}; known: {', '.join(RELEASED)}")
+    target = cache_dir() / RELEASED[name]
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + ".part")
+    url = hub_url(name)
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            if have and response.status != 206:  # the server ignored the range: start again
+                have = 0
+            length = response.headers.get("Content-Length")
+            total = have + int(length) if length is not None else None
+            with open(part, "ab" if have else "wb") as out:
+                done = have
+                if progress:
+                    progress(done, total)
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress(done, total)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # range past the end: the .part file is already complete
+            os.replace(part, target)
+            return target
+        raise CosmosError(f"downloading {name} from {url} failed: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, socket.timeout, ConnectionError, TimeoutError) as e:
+        reason = getattr(e, "reason", e)
+        kept = f"; {part} keeps the {part.stat().st_size} bytes received, the next try resumes" if part.exists() else ""
+        raise CosmosError(
+            f"cannot download {name} from {url} ({reason}): no network? Download the file by hand and pass its "
+            f"path with --weights, or put it at {target}{kept}"
+        ) from None
+    if total is not None and done != total:
+        raise CosmosError(f"download of {name} stopped at {done} of {total} bytes; run again to resume")
+    os.replace(part, target)
+    return target
+
+
+# --- reading files -----------------------------------------------------------------------------------------------
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """torch.load(weights_only=True) with errors that say what the file is not."""
+    path = Path(path)
+    if not path.exists():
+        raise CosmosError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        raise CosmosError(f"{path}: is a directory, not a checkpoint file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for bad files; all mean "not a readable checkpoint"
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "Weights only load failed" in text:
+            text = "it holds objects other than tensors and plain containers, refused for safety"
+        raise CosmosError(f"{path}: not a readable PyTorch checkpoint (truncated or another kind of file?): {text}")
+    if not isinstance(obj, dict):
+        raise CosmosError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dict or state dict")
+    return obj
+
+
+def _strip_module(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def split_checkpoint(obj: dict, which: str, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict of the chosen weights, metadata) from any accepted flavour."""
+    if which not in ("teacher", "student"):
+        raise CosmosError(f"which must be 'teacher' or 'student', got {which!r}")
+    if "student" in obj or "teacher" in obj:  # ours, or a released COSMOS file
+        sd = obj.get(which)
+        if sd is None:
+            other = "student" if which == "teacher" else "teacher"
+            if obj.get(other) is None:
+                raise CosmosError(f"{name}: has neither 'student' nor 'teacher' weights")
+            if which == "teacher":  # a student-only checkpoint (e.g. a CLIP baseline run): its student is the model
+                sd, which = obj[other], other
+            else:
+                raise CosmosError(f"{name}: has no 'student' weights (keys: {', '.join(map(str, obj))})")
+    elif "state_dict" in obj:  # OpenCLIP training checkpoint
+        sd = obj["state_dict"]
+    else:
+        sd = obj
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CosmosError(f"{name}: does not contain a state dict of tensors (top-level keys: {list(obj)[:8]})")
+    meta = {k: v for k, v in obj.items() if k not in ("student", "teacher", "state_dict", "optimizer", "scaler")}
+    meta["which"] = which
+    return _strip_module(sd), meta
+
+
+def _count_blocks(sd: dict, prefix: str) -> int:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    found = {int(m.group(1)) for k in sd if (m := pattern.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def infer_config(sd: dict[str, torch.Tensor], quick_gelu: bool = False, name: str = "checkpoint") -> CosmosConfig:
+    """Read a model config off the tensor shapes (heads assume a head width of 64, as every CLIP ViT does)."""
+    try:
+        pos = sd["visual.positional_embedding"]
+        width = pos.shape[1]
+        if "visual.conv1.weight" in sd:
+            patch, stem = sd["visual.conv1.weight"].shape[-1], "patch"
+        else:
+            n_convs = sum(1 for k in sd if re.fullmatch(r"visual\.stem\.\d+\.weight", k))
+            patch, stem = 2**n_convs, "conv"
+        grid = int(round((pos.shape[0] - 1) ** 0.5))
+        if grid * grid + 1 != pos.shape[0]:
+            raise CosmosError(f"{name}: visual.positional_embedding {tuple(pos.shape)} is not 1 + a square grid")
+        vision = VisionConfig(
+            image_size=grid * patch, patch_size=patch, width=width,
+            layers=_count_blocks(sd, "visual.transformer.resblocks."), heads=max(1, width // 64),
+            mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width, stem=stem,
+        )
+        t_width = sd["token_embedding.weight"].shape[1]
+        text = TextConfig(
+            context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
+            width=t_width, layers=_count_blocks(sd, "transformer.resblocks."), heads=max(1, t_width // 64),
+            mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / t_width,
+        )
+        embed_dim = sd["visual.proj"].shape[1]
+    except KeyError as e:
+        raise CosmosError(f"{name}: not a CLIP/COSMOS state dict (no tensor {e.args[0]!r})") from None
+    cosmos = any(is_cosmos_extra(k) for k in sd)
+    heads = 8
+    if "visual.attn_cross_pool.attn.in_proj_weight" in sd:
+        heads = max(1, embed_dim // 64)
+    return CosmosConfig(embed_dim, vision, text, quick_gelu=quick_gelu, cosmos=cosmos, cross_pool_heads=heads)
+
+
+def load_state(model: CosmosModel, sd: dict[str, torch.Tensor], name: str) -> None:
+    """Strict load with an error that names missing, unexpected and mis-shaped keys."""
+    sd = dict(sd)
+    for key in ("logit_scale", "distill_logit_scale"):  # OpenCLIP has saved both [] and [1]
+        if key in sd and sd[key].dim() == 1 and sd[key].numel() == 1:
+            sd[key] = sd[key].reshape(())
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_abbrev(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_abbrev(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatches {_abbrev(shapes)} (file vs model)")
+    if problems:
+        raise CosmosError(f"{name}: does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(sd, strict=True)
+
+
+def _abbrev(items: list[str], n: int = 6) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def resolve_weights(weights: str | Path, progress: ProgressFn | None = None) -> Path:
+    """A path as given, or a registry name downloaded into the cache."""
+    path = Path(weights).expanduser()
+    if path.exists():
+        return path
+    if str(weights) in RELEASED:
+        return download(str(weights), progress=progress)
+    raise CosmosError(
+        f"{weights}: no such file, and not a known checkpoint name (known: {', '.join(RELEASED)})"
+    )
+
+
+def load_model(
+    weights: str | Path,
+    device: str | torch.device | None = None,
+    which: str = "teacher",
+    quick_gelu: bool = False,
+    progress: ProgressFn | None = None,
+) -> tuple[CosmosModel, dict]:
+    """The model in eval mode on `device`, and the checkpoint's metadata (tokenizer state, labels, epoch ...)."""
+    from .device import resolve_device
+
+    path = resolve_weights(weights, progress)
+    obj = read_checkpoint(path)
+    sd, meta = split_checkpoint(obj, which, str(path))
+    if isinstance(meta.get("config"), dict):
+        config = CosmosConfig.from_dict(meta["config"])
+        config.quick_gelu = config.quick_gelu or quick_gelu
+    else:
+        config = infer_config(sd, quick_gelu=quick_gelu, name=str(path))
+    if not any(is_cosmos_extra(k) for k in sd):
+        config.cosmos = False  # a plain CLIP file (or a teacher saved without extras) loads into the CLIP part
+    model = CosmosModel(config)
+    load_state(model, sd, str(path))
+    labels = meta.get("labels")
+    model.labels = list(labels) if labels else None
+    return model.to(resolve_device(device)).eval(), meta
+
+
+def save(
+    path: str | Path,
+    model: CosmosModel,
+    tokenizer=None,
+    labels: list[str] | None = None,
+    teacher: CosmosModel | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write our checkpoint format atomically (a temporary file in the same folder, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    obj: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "student": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "teacher": {k: v.detach().cpu() for k, v in teacher.state_dict().items()} if teacher is not None else None,
+        "tokenizer": tokenizer.state_dict() if tokenizer is not None else None,
+        "labels": list(labels) if labels else (model.labels or None),
+    }
+    obj.update(extra or {})
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load(
+    weights: str | Path,
+    device: str | torch.device | None = None,
+    which: str = "teacher",
+    quick_gelu: bool = False,
+    progress: ProgressFn | None = None,
+):
+    """(model, preprocess, tokenizer): the counterpart of `open_clip.create_model_and_transforms`.
+
+    weights: a checkpoint path of any accepted flavour, or a released name such as "cosmos_vitb16_merged30m".
+    which: "teacher" (default: COSMOS evaluates its teacher) or "student", for files that hold both.
+    """
+    from .tokenizer import Tokenizer
+    from .transforms import eval_transform
+
+    model, meta = load_model(weights, device, which, quick_gelu, progress)
+    tok_state = meta.get("tokenizer")
+    tokenizer = Tokenizer.from_state_dict(tok_state) if tok_state else Tokenizer.clip()
+    if tokenizer.vocab_size != model.config.text.vocab_size:
+        raise CosmosError(
+            f"{weights}: the tokenizer has {tokenizer.vocab_size} ids but the text tower expects "
+            f"{model.config.text.vocab_size}; the checkpoint needs its own tokenizer (a 'tokenizer' entry)"
+        )
+    if tokenizer.context_length != model.context_length:
+        tokenizer = copy.copy(tokenizer)  # never change the shared CLIP instance
+        tokenizer.context_length = model.context_length
+    return model, eval_transform(model.image_size), tokenizer
+
+
+def new_model(config: str | CosmosConfig = "tiny") -> CosmosModel:
+    """A randomly initialized model from a named config (e.g. for training from scratch)."""
+    return CosmosModel(get_config(config) if isinstance(config, str) else config)

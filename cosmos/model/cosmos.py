@@ -1,0 +1,206 @@
+"""The COSMOS dual encoder: a CLIP model (ViT + causal text tower) plus COSMOS's training-only extras.
+
+State-dict layout = OpenCLIP's flat CLIP naming (text tower at the top level, image tower under `visual.`, a 0-dim
+`logit_scale`) plus the 21 tensors COSMOS adds (COSMOS_METHOD.md sections 1 and 7):
+    `distill_logit_scale`, `image_token_mapping` (Linear W_vision -> E), `text_token_mapping` (Linear W_text -> E),
+    `visual.attn_cross_pool` (C^I) and `text_attn_cross_pool` (C^T).
+At inference it is exactly a CLIP model: `encode_image`, `encode_text`, `forward` -> (image, text, scale) as OpenCLIP.
+For training, `encode_image_views` / `encode_text_views` give the per-view pooled embeddings and tokens and
+`cross_image` / `cross_text` the cross-modal embeddings.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CosmosError
+from .cross_attention import CrossAttentionPooler
+from .text import TextTower
+from .transformer import DENSE_METHODS
+from .vision import VisionTransformer
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+LOGIT_SCALE_MAX = math.log(100)
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    stem: str = "patch"  # "patch" (OpenCLIP's conv1) or "conv" (stride-2 3x3 convolutions, tiny models)
+
+
+@dataclass
+class TextConfig:
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class CosmosConfig:
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    quick_gelu: bool = False  # True only for OpenAI-trained weights; COSMOS and LAION models use GELU
+    cosmos: bool = True  # build the training-only extras (cross-attention poolers, token mappings, distill scale)
+    cross_pool_heads: int = 8
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CosmosConfig":
+        try:
+            top = {k: v for k, v in d.items() if k not in ("vision", "text")}
+            _check_keys(cls, top)
+            _check_keys(VisionConfig, d.get("vision", {}))
+            _check_keys(TextConfig, d.get("text", {}))
+            return cls(**top, vision=VisionConfig(**d.get("vision", {})), text=TextConfig(**d.get("text", {})))
+        except (TypeError, AttributeError) as e:
+            raise CosmosError(f"malformed model config {d!r}: {e}") from None
+
+
+def _check_keys(cls, d: dict) -> None:
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise CosmosError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+
+
+CONFIGS: dict[str, CosmosConfig] = {
+    # As released: OpenCLIP ViT-B/16 and ViT-B/32 (plain GELU), joint embedding 512.
+    "ViT-B-16": CosmosConfig(),
+    "ViT-B-32": CosmosConfig(vision=VisionConfig(patch_size=32)),
+    # Trains on a 2-core CPU in minutes: 64 px images (32 px local crops), patch 8 through a conv stem, width 192,
+    # 4 layers each, embedding 128 (SYNTH_PROTOTYPE.md). Uses the CLIP vocabulary unless a checkpoint says otherwise.
+    "tiny": CosmosConfig(
+        embed_dim=128,
+        vision=VisionConfig(image_size=64, patch_size=8, width=192, layers=4, heads=3, stem="conv"),
+        text=TextConfig(width=192, layers=4, heads=3),
+        cross_pool_heads=2,
+    ),
+}
+
+
+def get_config(name: str) -> CosmosConfig:
+    if name not in CONFIGS:
+        raise CosmosError(f"unknown model config {name!r}; known: {', '.join(CONFIGS)}")
+    return copy.deepcopy(CONFIGS[name])
+
+
+class CosmosModel(TextTower):
+    """CLIP dual encoder with COSMOS extras. The text tower is the base class, so its keys have no prefix."""
+
+    def __init__(self, config: CosmosConfig | str = "ViT-B-16"):
+        cfg = get_config(config) if isinstance(config, str) else config
+        v, t, e = cfg.vision, cfg.text, cfg.embed_dim
+        super().__init__(t.context_length, t.vocab_size, t.width, t.layers, t.heads, e, t.mlp_ratio, cfg.quick_gelu)
+        self.config = cfg
+        self.visual = VisionTransformer(
+            v.image_size, v.patch_size, v.width, v.layers, v.heads, e, v.mlp_ratio, cfg.quick_gelu, v.stem,
+            cross_pool=cfg.cosmos, cross_pool_heads=cfg.cross_pool_heads,
+        )
+        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        if cfg.cosmos:
+            self.distill_logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+            # C^T: image queries attend over (mapped) text tokens.
+            self.text_attn_cross_pool = CrossAttentionPooler(e, cfg.cross_pool_heads)
+            self.image_token_mapping = nn.Linear(v.width, e)
+            self.text_token_mapping = nn.Linear(t.width, e)
+        self.labels: list[str] | None = None  # class names a checkpoint may carry (segmentation default)
+
+    # --- sizes ----------------------------------------------------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        return self.config.vision.image_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.vision.patch_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.config.embed_dim
+
+    # --- inference: a plain CLIP model ----------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self.visual(images)  # [B, E]
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = self.encode_text_features(text)[0]  # [B, E]
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, images: torch.Tensor | None = None, text: torch.Tensor | None = None):
+        """(normalized image features, normalized text features, logit_scale.exp()), as OpenCLIP's CLIP."""
+        image_features = self.encode_image(images, normalize=True) if images is not None else None
+        text_features = self.encode_text(text, normalize=True) if text is not None else None
+        return image_features, text_features, self.logit_scale.exp()
+
+    def encode_dense(self, images: torch.Tensor, method: str = "plain", normalize: bool = True) -> torch.Tensor:
+        """Per-patch embeddings [B, gh, gw, E] for training-free segmentation; `method` picks the last block:
+        plain, csa (SCLIP), clearclip or maskclip (see transformer.py)."""
+        if method not in DENSE_METHODS:
+            raise CosmosError(f"unknown dense method {method!r}; choose one of {', '.join(DENSE_METHODS)}")
+        x = self.visual.forward_dense(images, method)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    # --- training: per-view features and the cross-modal embeddings ----------------------------------------
+    def encode_image_views(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch of views of equal size [B, 3, H, W] -> pooled [B, E] (not normalized), patch tokens [B, N, Wv]."""
+        return self.visual.forward_features(images)
+
+    def encode_text_views(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [B, L] -> pooled [B, E] (not normalized), token states [B, L, Wt]."""
+        return self.encode_text_features(text)
+
+    def cross_image(self, text_query: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """h_I: text queries [B, M, E] attend over one image view's patch tokens [B, N, Wv] -> [B, M, E]
+        (query + attention; not normalized)."""
+        tokens = self.image_token_mapping(image_tokens)  # [B, N, E]
+        return text_query + self.visual.attn_cross_pool(text_query, tokens)
+
+    def cross_text(self, image_query: torch.Tensor, text_tokens: torch.Tensor, key_padding_mask=None) -> torch.Tensor:
+        """h_T: image queries [B, M, E] attend over one caption's token states [B, L, Wt] -> [B, M, E]."""
+        tokens = self.text_token_mapping(text_tokens)  # [B, L, E]
+        return image_query + self.text_attn_cross_pool(image_query, tokens, key_padding_mask)
+
+    def clamp_logit_scales(self) -> None:
+        """Keep both temperatures in [0, ln 100], as after every optimizer step in CLIP and COSMOS."""
+        with torch.no_grad():
+            self.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+            if hasattr(self, "distill_logit_scale"):
+                self.distill_logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+        self.visual.transformer.grad_checkpointing = enable
+
+    def clip_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict without COSMOS's training-only tensors: exactly an OpenCLIP CLIP state dict."""
+        return {k: v for k, v in self.state_dict().items() if not is_cosmos_extra(k)}
+
+
+COSMOS_EXTRA_PREFIXES = (
+    "distill_logit_scale",
+    "visual.attn_cross_pool.",
+    "text_attn_cross_pool.",
+    "image_token_mapping.",
+    "text_token_mapping.",
+)
+
+
+def is_cosmos_extra(key: str) -> bool:
+    return key.startswith(COSMOS_EXTRA_PREFIXES)
