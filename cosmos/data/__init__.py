@@ -1,0 +1,14 @@
+"""Training data: tar shards (write, list, stream across ranks and workers), preprocessing, the loader."""
+from .loader import ShardDataset, ShardLoader, build_loader
+from .preprocess import PreprocessResult, preprocess, split_sentences
+from .shards import (
+    ReadStats,
+    ShardWriter,
+    expand_sources,
+    iter_samples,
+    iter_shard,
+    sample_files,
+    shard_sizes,
+    validate_captions,
+    write_manifest,
+)

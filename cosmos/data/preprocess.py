@@ -1,0 +1,430 @@
+"""Image/caption sources -> tar shards: sentence splitting, caption validation, resizing, bad-sample triage.
+
+COSMOS crops TEXT as well as images: every caption field (raw alt-text, short and long synthetic captions) is
+split into sentences OFFLINE and stored as a list, so a text crop is a draw of whole sentences
+(COSMOS_METHOD.md section 2). This module does that split once, when the shards are made:
+
+1. List the source: a folder of images with sidecar KEY.txt / KEY.json captions, or a CSV / TSV / JSONL table
+   with an image-path column and caption columns (paths relative to the table's folder).
+2. For each sample (in a worker pool): read the caption(s), split into sentences, validate; read the image,
+   decode it, shrink it so the shorter side is at most `max_size`, re-encode as JPEG. Anything wrong (missing
+   file, zero bytes, not an image, truncated, decompression bomb, empty or non-UTF-8 caption, a caption field
+   that is a string instead of a list) skips the sample with a reason; nothing else is lost.
+3. Write good samples in source order with ShardWriter (keys = zero-padded source index, stable and sortable),
+   then sizes.json and manifest.json (counts, skipped samples and reasons, checksums, settings, command).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import multiprocessing
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from PIL import Image
+
+from ..errors import CosmosError
+from ..images import IMAGE_EXTENSIONS, decode_image
+from .shards import MANIFEST_FILE, SIZES_FILE, ShardWriter, sample_files, validate_captions, write_manifest
+
+_SENTENCE_SPLIT = re.compile(r"\n|</s>|\.")
+KEY_DIGITS = 9
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl")
+
+
+# --- 1. Sentences -----------------------------------------------------------------------------------------------
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split a caption into sentences as the COSMOS release does: on newline, "</s>" and "."; strip each piece;
+    drop empty ones. "A dog. It runs.\\nGrass" -> ["A dog", "It runs", "Grass"]."""
+    return [piece.strip() for piece in _SENTENCE_SPLIT.split(text) if piece.strip()]
+
+
+# --- 2. Listing a source as jobs ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One sample to process. Captions come from sidecar files (`txt_path`, `json_path`) or from table cells
+    (`columns`: column name -> cell value). `error` marks a sample already known to be bad while listing."""
+
+    index: int
+    image_path: str | None
+    txt_path: str | None = None
+    json_path: str | None = None
+    columns: dict[str, Any] | None = None
+    error: tuple[str, str] | None = None  # (kind, reason)
+
+    @property
+    def key(self) -> str:
+        return f"{self.index:0{KEY_DIGITS}d}"
+
+    @property
+    def source(self) -> str:
+        return self.image_path or self.txt_path or self.json_path or f"row {self.index}"
+
+
+def list_folder(folder: Path) -> list[Job]:
+    """Images (any common format, recursively, sorted) with their same-stem .txt / .json sidecars.
+    A sidecar without an image becomes a job that is skipped as a missing file. Hidden files are ignored."""
+    images: dict[Path, list[Path]] = {}
+    sidecars: dict[Path, dict[str, Path]] = {}
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(folder).parts):
+            continue
+        suffix, stem = p.suffix.lower(), p.with_suffix("")
+        if suffix in IMAGE_EXTENSIONS:
+            images.setdefault(stem, []).append(p)
+        elif suffix in (".txt", ".json"):
+            sidecars.setdefault(stem, {})[suffix] = p
+    jobs: list[Job] = []
+    for stem in sorted(set(images) | set(sidecars)):
+        side = sidecars.get(stem, {})
+        txt = str(side[".txt"]) if ".txt" in side else None
+        js = str(side[".json"]) if ".json" in side else None
+        if stem not in images:
+            orphan = txt or js
+            jobs.append(Job(len(jobs), None, txt, js, error=(
+                "missing-file", f"{orphan}: caption without an image (no {stem.name}.jpg/.png/... beside it)")))
+            continue
+        for image in images[stem]:
+            jobs.append(Job(len(jobs), str(image), txt, js))
+    return jobs
+
+
+def _check_columns(path: Path, header: list[str], image_column: str, caption_columns: list[str]) -> None:
+    wanted = [image_column, *caption_columns]
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise CosmosError(
+            f"{path}: no column {', '.join(repr(c) for c in missing)}; the columns are {', '.join(header) or '(none)'}"
+            "; choose them with --image-column and --caption-columns"
+        )
+
+
+def _has_surrogates(value: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in value)
+
+
+def list_table(path: Path, image_column: str, caption_columns: list[str]) -> list[Job]:
+    """Rows of a CSV / TSV (header row) or JSONL file; image paths relative to the file's folder.
+    A row that is not UTF-8 is kept as a job that is skipped with that reason, so the rest still go through."""
+    root = path.parent
+    jobs: list[Job] = []
+
+    def add_row(row: dict[str, Any]) -> None:
+        image = row.get(image_column)
+        if not isinstance(image, str) or not image.strip():
+            jobs.append(Job(len(jobs), None, error=("missing-file", f"{path}: row {len(jobs) + 1} has no {image_column!r}")))
+            return
+        image_path = Path(image.strip()).expanduser()
+        image_path = image_path if image_path.is_absolute() else root / image_path
+        jobs.append(Job(len(jobs), str(image_path), columns={c: row.get(c) for c in caption_columns}))
+
+    if path.suffix.lower() == ".jsonl":
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    row = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    jobs.append(Job(len(jobs), None, error=("caption-not-utf8", f"{path}: line {line_no} is not UTF-8")))
+                    continue
+                except ValueError as e:
+                    jobs.append(Job(len(jobs), None, error=("bad-row", f"{path}: line {line_no} is not JSON ({e})")))
+                    continue
+                if not isinstance(row, dict):
+                    jobs.append(Job(len(jobs), None, error=("bad-row", f"{path}: line {line_no} is not a JSON object")))
+                    continue
+                if not jobs:
+                    _check_columns(path, list(row), image_column, caption_columns)
+                add_row(row)
+        return jobs
+
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        _check_columns(path, list(reader.fieldnames or []), image_column, caption_columns)
+        for row in reader:
+            if any(isinstance(v, str) and _has_surrogates(v) for v in row.values()):
+                jobs.append(Job(len(jobs), None, error=("caption-not-utf8",
+                                f"{path}: row {reader.line_num} is not UTF-8; re-save the file as UTF-8")))
+                continue
+            add_row(row)
+    return jobs
+
+
+def list_source(src: Path, image_column: str = "filepath", caption_columns: list[str] | None = None) -> list[Job]:
+    """The jobs of a folder or a table file; CosmosError if `src` is neither."""
+    if not src.exists():
+        raise CosmosError(f"{src}: no such file or folder; pass a folder of images with .txt/.json captions, "
+                          "or a .csv/.tsv/.jsonl file")
+    if src.is_dir():
+        jobs = list_folder(src)
+    elif src.suffix.lower() in TABLE_SUFFIXES:
+        jobs = list_table(src, image_column, caption_columns or ["title"])
+    else:
+        raise CosmosError(f"{src}: not a folder or a .csv/.tsv/.jsonl file; pass one of those")
+    if not jobs:
+        raise CosmosError(f"{src}: no samples found (no images or no rows)")
+    return jobs
+
+
+# --- 3. One sample: captions, then image -------------------------------------------------------------------------
+
+
+class Skip(Exception):
+    """A bad sample: `kind` is a short category for the summary, `reason` says what was wrong."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+def _read_text(path: str) -> str:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise Skip("unreadable", f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Skip("caption-not-utf8", f"{path}: caption is not UTF-8") from None
+
+
+def _split_field(value: Any, where: str, column: str) -> list[str]:
+    """Cell value (a string, or a list of strings in JSONL) -> sentences."""
+    if isinstance(value, str):
+        return split_sentences(value)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [s for v in value for s in split_sentences(v)]
+    if value is None:
+        return []
+    raise Skip("caption-format", f"{where}: column {column!r} holds a {type(value).__name__}, not text")
+
+
+def read_captions(job: Job) -> tuple[dict[str, list[str]], str, dict]:
+    """(captions as lists of sentences, the raw caption for KEY.txt, extra metadata) of one job."""
+    meta: dict = {}
+    captions: dict[str, list[str]] = {}
+    raw = ""
+    if job.columns is not None:
+        for column, value in job.columns.items():
+            sentences = _split_field(value, job.source, column)
+            if sentences:
+                captions[column] = sentences
+                if not raw:
+                    raw = value if isinstance(value, str) else "\n".join(value)
+    else:
+        if job.json_path:
+            text = _read_text(job.json_path)
+            try:
+                record = json.loads(text)
+            except ValueError as e:
+                raise Skip("caption-format", f"{job.json_path}: not valid JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise Skip("caption-format", f"{job.json_path}: is a {type(record).__name__}, not a JSON object")
+            if "captions" in record:
+                try:
+                    fields = validate_captions(record["captions"], where=job.json_path)
+                except CosmosError as e:
+                    raise Skip("caption-format", str(e)) from None
+                # Pre-split lists may still hold "a. b" or newlines: split each item again, drop empty fields.
+                for name, sentences in fields.items():
+                    pieces = [s for item in sentences for s in split_sentences(item)]
+                    if pieces:
+                        captions[name] = pieces
+            meta = {k: v for k, v in record.items() if k not in ("captions", "key")}
+        if job.txt_path:
+            raw = _read_text(job.txt_path).strip()
+            if "raw" not in captions and split_sentences(raw):
+                captions = {"raw": split_sentences(raw), **captions}
+        elif job.json_path is None:
+            raise Skip("missing-file", f"{job.image_path}: no caption file (no .txt or .json beside it)")
+    if not captions:
+        if job.json_path and not job.txt_path and job.columns is None:
+            raise Skip("empty-caption", f"{job.json_path}: no caption sentences (no non-empty 'captions' field "
+                                        "and no .txt beside the image)")
+        raise Skip("empty-caption", f"{job.source}: caption is empty")
+    if not raw:
+        raw = ". ".join(next(iter(captions.values())))
+    captions = validate_captions(captions, where=job.source)
+    return captions, raw, meta
+
+
+def _decode_kind(message: str) -> str:
+    if "decompression bomb" in message:
+        return "decompression-bomb"
+    if "unknown format" in message:
+        return "unreadable"
+    return "corrupt-image"
+
+
+def read_image(path: str, max_size: int, quality: int) -> bytes:
+    """Read, decode and shrink an image (shorter side <= max_size, aspect kept); JPEG bytes."""
+    p = Path(path)
+    if not p.is_file():
+        raise Skip("missing-file", f"{path}: no such image file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise Skip("unreadable", f"{path}: cannot read ({e.strerror or e})") from None
+    if not data:
+        raise Skip("empty-file", f"{path}: empty file (0 bytes)")
+    try:
+        image = decode_image(data, name=path)
+    except CosmosError as e:
+        raise Skip(_decode_kind(str(e)), str(e)) from None
+    w, h = image.size
+    if min(w, h) > max_size:
+        scale = max_size / min(w, h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        image = image.resize(size, Image.BICUBIC, reducing_gap=3.0)  # [h', w'] with min(h', w') == max_size
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+@dataclass
+class _Settings:
+    max_size: int
+    quality: int
+
+
+def process_job(job: Job, settings: _Settings) -> tuple[str, str, Any]:
+    """("ok", key, {ext: bytes}) or ("skip", key, {"kind", "reason", "source"}). Runs in pool workers."""
+    try:
+        if job.error is not None:
+            raise Skip(*job.error)
+        captions, raw, meta = read_captions(job)
+        image = read_image(job.image_path, settings.max_size, settings.quality)
+        if job.image_path:
+            meta = {**meta, "source": Path(job.image_path).name}
+        return "ok", job.key, sample_files(job.key, image, "jpg", captions, raw, meta)
+    except Skip as s:
+        return "skip", job.key, {"key": job.key, "source": job.source, "kind": s.kind, "reason": s.reason}
+
+
+def _process_star(args: tuple[Job, _Settings]) -> tuple[str, str, Any]:
+    return process_job(*args)
+
+
+# --- 4. The whole run --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreprocessResult:
+    out_dir: str
+    total: int
+    written: int
+    skipped: list[dict] = field(default_factory=list)
+    shards: dict[str, int] = field(default_factory=dict)
+
+    def skipped_by_kind(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for s in self.skipped:
+            counts[s["kind"]] = counts.get(s["kind"], 0) + 1
+        return dict(sorted(counts.items()))
+
+
+_OUR_FILES = ("*.tar", "*.tar.tmp", SIZES_FILE, MANIFEST_FILE, SIZES_FILE + ".tmp", MANIFEST_FILE + ".tmp")
+
+
+def prepare_out_dir(out: Path, overwrite: bool, src: Path | None = None) -> None:
+    """Refuse a non-empty `out` unless `overwrite`; with it, remove earlier shards, sizes.json and manifest.json
+    (only those) so no stale shard survives."""
+    if src is not None and src.is_dir() and out.resolve() == src.resolve():
+        raise CosmosError(f"{out}: the output folder is the source folder; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise CosmosError(f"{out}: exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise CosmosError(f"{out}: output folder is not empty; pass --overwrite to replace its shards, "
+                              "or choose an empty folder")
+        for pattern in _OUR_FILES:
+            for p in out.glob(pattern):
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def preprocess(
+    src: str | Path,
+    out: str | Path,
+    *,
+    max_size: int = 256,
+    quality: int = 95,
+    workers: int = 2,
+    shard_size: int = 1000,
+    image_column: str = "filepath",
+    caption_columns: list[str] | None = None,
+    overwrite: bool = False,
+    command: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> PreprocessResult:
+    """Turn `src` into shards in `out` (see the module docstring). `progress(done, total)` is called as samples
+    finish. Returns what was written and what was skipped; the same facts go to out/manifest.json."""
+    src, out = Path(src).expanduser(), Path(out).expanduser()
+    if max_size < 1:
+        raise CosmosError(f"--max-size must be a positive number of pixels, got {max_size}")
+    if not 1 <= quality <= 100:
+        raise CosmosError(f"--quality must be between 1 and 100, got {quality}")
+    if workers < 1:
+        raise CosmosError(f"--workers must be at least 1, got {workers}")
+    jobs = list_source(src, image_column, caption_columns)
+    prepare_out_dir(out, overwrite, src)
+    settings = _Settings(max_size=max_size, quality=quality)
+    result = PreprocessResult(out_dir=str(out), total=len(jobs), written=0)
+    started = time.time()
+    with ShardWriter(out, maxcount=shard_size) as writer:
+        for done, (status, key, payload) in enumerate(_run(jobs, settings, workers), start=1):
+            if status == "ok":
+                writer.write(key, payload)
+                result.written += 1
+            else:
+                result.skipped.append(payload)
+            if progress is not None:
+                progress(done, len(jobs))
+    result.shards = dict(writer.sizes)
+    _write_manifest(out, src, result, writer, settings, workers, shard_size, image_column, caption_columns, command,
+                    started)
+    if result.written == 0:
+        first = result.skipped[0]["reason"] if result.skipped else "no samples"
+        raise CosmosError(f"{src}: no good samples, all {len(jobs)} were skipped (first: {first}); "
+                          f"see {out / MANIFEST_FILE}")
+    return result
+
+
+def _run(jobs: list[Job], settings: _Settings, workers: int) -> Iterator[tuple[str, str, Any]]:
+    """Process jobs in source order, in a pool of `workers` processes (in-process for 1 worker)."""
+    if workers == 1 or len(jobs) < 2:
+        for job in jobs:
+            yield process_job(job, settings)
+        return
+    chunk = max(1, min(16, len(jobs) // (workers * 8)))
+    with multiprocessing.get_context().Pool(workers) as pool:
+        yield from pool.imap(_process_star, ((job, settings) for job in jobs), chunksize=chunk)
+
+
+def _write_manifest(out: Path, src: Path, result: PreprocessResult, writer: ShardWriter, settings: _Settings,
+                    workers: int, shard_size: int, image_column: str, caption_columns: list[str] | None,
+                    command: str | None, started: float) -> None:
+    write_manifest(out, {
+        "format": "cosmos-shards/1",
+        "source": str(src),
+        "command": command,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(time.time() - started, 2),
+        "settings": {**asdict(settings), "workers": workers, "shard_size": shard_size, "image_format": "jpg",
+                     "image_column": image_column, "caption_columns": caption_columns or ["title"]},
+        "counts": {"total": result.total, "written": result.written, "skipped": len(result.skipped),
+                   "skipped_by_kind": result.skipped_by_kind()},
+        "shards": [{"name": name, "count": count, "sha256": writer.checksums.get(name)}
+                   for name, count in result.shards.items()],
+        "skipped": result.skipped,
+    })
