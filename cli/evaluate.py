@@ -1,0 +1,240 @@
+"""`cosmos eval classification|retrieval|segmentation`: zero-shot benchmarks, as tables and JSON.
+
+Each command takes either `--data` (a standard layout) or `--synthetic DIR` (the eval sets `cosmos synth` wrote
+under DIR/eval), prints a table, and with `--out results.json` writes the figures and the settings used.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from .classify import WHICH_HELP, check_precision, load_model, progress_bar
+from .common import DEFAULT_WEIGHTS, cli_errors, console
+from .segment import METHOD_HELP, class_titles, segmenter_options
+
+eval_app = typer.Typer(help="Zero-shot evaluation: classification, retrieval, segmentation.", no_args_is_help=True)
+
+# Options every eval command shares.
+WEIGHTS = typer.Option(DEFAULT_WEIGHTS, "--weights", "-w", help="checkpoint file or released name")
+DEVICE = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if present)")
+PRECISION = typer.Option("fp32", "--precision", help="fp32 or bf16 (autocast)")
+OUT = typer.Option(None, "--out", "-o", help="write the results as JSON to this file")
+SYNTHETIC = typer.Option(None, "--synthetic", help="a `cosmos synth` output folder: run its eval sets")
+
+
+def _data_or_synthetic(data: Optional[Path], synthetic: Optional[Path], sets: dict[str, str]) -> dict[str, Path]:
+    """{set name: path} from --data or from the synthetic eval folder."""
+    from cosmos.errors import CosmosError
+
+    if (data is None) == (synthetic is None):
+        raise CosmosError("give exactly one of --data and --synthetic")
+    if data is not None:
+        return {data.name or str(data): data}
+    paths = {name: synthetic / "eval" / relative for name, relative in sets.items()}
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        raise CosmosError(f"{missing[0]}: not found; is {synthetic} a `cosmos synth --out` folder?")
+    return paths
+
+
+def _write(out: Optional[Path], results: dict, settings: dict) -> None:
+    if out is None:
+        return
+    from cosmos.errors import CosmosError
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"settings": settings, "results": results}, indent=2) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise CosmosError(f"{out}: cannot write the results ({e.strerror or e})") from None
+    console.print(f"results written to {out}")
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _detail_table(title: str, column: str, values: dict) -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("class")
+    table.add_column(column, justify="right")
+    for name, value in values.items():
+        table.add_row(name, _percent(value))
+    return table
+
+
+# --- classification ------------------------------------------------------------------------------------------------
+@eval_app.command("classification")
+@cli_errors
+def classification(
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="ImageFolder: DATA/<class>/<images>"),
+    synthetic: Optional[Path] = SYNTHETIC,
+    classnames: Optional[Path] = typer.Option(
+        None, "--classnames", help="one class name per line, in sorted folder order ('a;b' = synonyms)"),
+    templates: Optional[str] = typer.Option(
+        None, "--templates", "-t", help="openai, simple, synth, synth-colour or one template with {} "
+        "(default: openai; synth / synth-colour with --synthetic)"),
+    weights: str = WEIGHTS,
+    which: str = typer.Option("teacher", "--which", help=WHICH_HELP),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    workers: int = typer.Option(0, "--workers", min=0, help="image loading processes"),
+    device: Optional[str] = DEVICE,
+    precision: str = PRECISION,
+    out: Optional[Path] = OUT,
+) -> None:
+    """Top-1, top-5 and per-class accuracy on an ImageFolder (or the synthetic shape and colour sets)."""
+    from cosmos.zeroshot.classify import evaluate_classification, read_image_folder
+    from cosmos.zeroshot.templates import read_classnames, resolve_templates
+
+    sets = _data_or_synthetic(data, synthetic, {"classify_shape": "classify_shape", "classify_colour": "classify_colour"})
+    default_templates = {"classify_shape": "synth", "classify_colour": "synth-colour"} if synthetic else {}
+    check_precision(precision)
+    for name in sets:
+        resolve_templates(templates or default_templates.get(name, "openai"))
+    classes = None
+    if classnames is not None:
+        folders = read_image_folder(next(iter(sets.values()))).folders
+        classes = read_classnames(classnames, expected=len(folders))
+    model, preprocess, tokenizer = load_model(weights, device, which)
+    results = {}
+    for name, path in sets.items():
+        set_templates = templates or default_templates.get(name, "openai")
+        with progress_bar(f"classification {name}") as update:
+            results[name] = evaluate_classification(
+                model, preprocess, tokenizer, path, classes, set_templates, batch_size, precision, workers, update)
+        results[name]["templates"] = set_templates
+    summary = Table(title="zero-shot classification (%)", title_justify="left")
+    for column in ("set", "images", "classes", "top-1", "top-5", "mean per-class"):
+        summary.add_column(column, justify="left" if column == "set" else "right")
+    for name, r in results.items():
+        summary.add_row(name, str(r["images"]), str(r["classes"]), _percent(r["top1"]), _percent(r["top5"]),
+                        _percent(r["mean_per_class"]))
+    for name, r in results.items():
+        console.print(_detail_table(f"{name}: per-class top-1 (%)", "top-1", r["per_class"]))
+    console.print(summary)
+    _write(out, results, {"weights": weights, "which": which, "precision": precision})
+
+
+# --- retrieval -----------------------------------------------------------------------------------------------------
+@eval_app.command("retrieval")
+@cli_errors
+def retrieval(
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="COCO captions JSON or Karpathy-style JSON"),
+    synthetic: Optional[Path] = SYNTHETIC,
+    images: Optional[Path] = typer.Option(
+        None, "--images", help="image folder (default: images/ beside the JSON, else the JSON's folder)"),
+    split: str = typer.Option("test", "--split", help="Karpathy split to evaluate"),
+    weights: str = WEIGHTS,
+    which: str = typer.Option("teacher", "--which", help=WHICH_HELP),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    workers: int = typer.Option(0, "--workers", min=0, help="image loading processes"),
+    device: Optional[str] = DEVICE,
+    precision: str = PRECISION,
+    out: Optional[Path] = OUT,
+) -> None:
+    """Image->text and text->image recall at 1, 5 and 10."""
+    from cosmos.zeroshot.retrieval import evaluate_retrieval, load_retrieval_set
+
+    sets = _data_or_synthetic(data, synthetic, {"retrieval": "retrieval/captions.json"})
+    check_precision(precision)
+    datasets = {name: load_retrieval_set(path, images, split) for name, path in sets.items()}
+    model, preprocess, tokenizer = load_model(weights, device, which)
+    results = {}
+    for name, dataset in datasets.items():
+        with progress_bar(f"retrieval {name}") as update:
+            results[name] = evaluate_retrieval(model, preprocess, tokenizer, dataset, batch_size, precision, workers,
+                                               update)
+    table = Table(title="zero-shot retrieval, recall (%)", title_justify="left")
+    table.add_column("")
+    for name in results:
+        table.add_column(name, justify="right")
+    table.add_row("images", *(str(r["images"]) for r in results.values()))
+    table.add_row("captions", *(str(r["captions"]) for r in results.values()))
+    for direction, label in (("i2t", "image->text"), ("t2i", "text->image")):
+        for k in (1, 5, 10):
+            table.add_row(f"{label} R@{k}", *(_percent(r[f"{direction}_R@{k}"]) for r in results.values()))
+    console.print(table)
+    _write(out, results, {"weights": weights, "which": which, "precision": precision, "split": split})
+
+
+# --- segmentation --------------------------------------------------------------------------------------------------
+@eval_app.command("segmentation")
+@cli_errors
+def segmentation(
+    data: Optional[Path] = typer.Option(
+        None, "--data", "-d", help="images/ + masks/ + classnames.txt, or VOC's JPEGImages/ + SegmentationClass/"),
+    synthetic: Optional[Path] = SYNTHETIC,
+    classnames: Optional[Path] = typer.Option(
+        None, "--classnames", help="class names, line i = mask index i (default: classnames.txt in the data folder)"),
+    split: Optional[str] = typer.Option(None, "--split", help="VOC: evaluate ImageSets/Segmentation/<split>.txt"),
+    templates: Optional[str] = typer.Option(
+        None, "--templates", "-t", help="openai, simple, synth, synth-colour or one template with {} "
+        "(default: openai; synth / synth-colour with --synthetic)"),
+    method: str = typer.Option("csa", "--method", "-m", help=METHOD_HELP),
+    short_side: Optional[int] = typer.Option(None, "--short-side", min=1, help="default 336 x image_size/224"),
+    window: Optional[int] = typer.Option(None, "--window", min=1, help="default: the model's input size"),
+    stride: Optional[int] = typer.Option(None, "--stride", min=1, help="default: window / 2"),
+    logit_scale: float = typer.Option(40.0, "--logit-scale", help="logits x this before the softmax"),
+    bg_threshold: Optional[float] = typer.Option(
+        None, "--bg-threshold", help="pixels whose best probability is below this become class 0 (background)"),
+    bg_prompt: bool = typer.Option(
+        True, "--bg-prompt/--no-bg-prompt", help="prompt class 0 by its name like the others, or only assign it "
+        "through --bg-threshold"),
+    weights: str = WEIGHTS,
+    which: str = typer.Option("teacher", "--which", help=WHICH_HELP),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="windows per forward pass"),
+    device: Optional[str] = DEVICE,
+    precision: str = PRECISION,
+    out: Optional[Path] = OUT,
+) -> None:
+    """mIoU and per-class IoU (SCLIP protocol, ignore index 255). Class 0 is the background class."""
+    from cosmos.errors import CosmosError
+    from cosmos.zeroshot.classify import build_class_embeddings
+    from cosmos.zeroshot.segment import Segmenter, evaluate_segmentation, read_segmentation_set
+    from cosmos.zeroshot.templates import read_classnames, resolve_templates
+
+    sets = _data_or_synthetic(data, synthetic, {"segment_shape": "segment_shape", "segment_colour": "segment_colour"})
+    default_templates = {"segment_shape": "synth", "segment_colour": "synth-colour"} if synthetic else {}
+    config = segmenter_options(method, short_side, window, stride, logit_scale, bg_threshold, batch_size, precision)
+    prepared = {}
+    for name, path in sets.items():
+        dataset = read_segmentation_set(path, split)
+        names_file = classnames or dataset.classnames_file
+        if names_file is None:
+            raise CosmosError(f"{path}: no class names; give --classnames F or put classnames.txt in the folder "
+                              "(one name per line, line i = mask index i)")
+        classes = read_classnames(names_file)
+        titles = class_titles(classes)
+        if not bg_prompt:
+            if bg_threshold is None:
+                raise CosmosError("--no-bg-prompt needs --bg-threshold: class 0 could never be predicted otherwise")
+            classes = [[]] + classes[1:]
+        set_templates = templates or default_templates.get(name, "openai")
+        prepared[name] = (dataset, classes, titles, resolve_templates(set_templates), set_templates)
+    model, _, tokenizer = load_model(weights, device, which)
+    results = {}
+    for name, (dataset, classes, titles, template_list, set_templates) in prepared.items():
+        with progress_bar("encoding class prompts") as update:
+            classifier = build_class_embeddings(model, tokenizer, classes, template_list, precision=precision,
+                                                progress=update)
+        segmenter = Segmenter(model, classifier, config, background_index=0 if bg_threshold is not None else None)
+        with progress_bar(f"segmentation {name}", total=len(dataset.images)) as update:
+            results[name] = evaluate_segmentation(segmenter, dataset, titles, update)
+        results[name]["templates"] = set_templates
+    for name, r in results.items():
+        console.print(_detail_table(f"{name}: per-class IoU (%)", "IoU", r["per_class_iou"]))
+    summary = Table(title=f"zero-shot segmentation, method {method} (%)", title_justify="left")
+    for column in ("set", "images", "classes", "mIoU", "pixel acc."):
+        summary.add_column(column, justify="left" if column == "set" else "right")
+    for name, r in results.items():
+        summary.add_row(name, str(r["images"]), str(r["classes"]), _percent(r["mIoU"]), _percent(r["pixel_accuracy"]))
+    console.print(summary)
+    _write(out, results, {"weights": weights, "which": which, "precision": precision, "method": method})
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(eval_app, name="eval")

@@ -1,0 +1,130 @@
+"""`cosmos segment IMG... --labels a,b,c`: training-free zero-shot segmentation (SCLIP protocol) to mask and
+overlay PNGs, with the pixel share of each class."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from .classify import WHICH_HELP, check_precision, load_model, model_labels, progress_bar
+from .common import DEFAULT_WEIGHTS, cli_errors, console, err_console
+
+METHOD_HELP = "last-block variant: plain, csa (SCLIP), clearclip or maskclip"
+
+
+def with_background(classes: list[list[str]], bg_threshold: Optional[float]) -> tuple[list[list[str]], Optional[int]]:
+    """With a threshold, thresholded pixels go to the class named 'background' (prompted like the others) or, if
+    there is none, to a prompt-less 'background' class put first (index 0, as in VOC masks)."""
+    if bg_threshold is None:
+        return classes, None
+    for index, names in enumerate(classes):
+        if names and names[0].lower() == "background":
+            return classes, index
+    return [[]] + classes, 0
+
+
+def class_titles(classes: list[list[str]]) -> list[str]:
+    return [";".join(names) if names else "background" for names in classes]
+
+
+def segmenter_options(method: str, short_side: Optional[int], window: Optional[int], stride: Optional[int],
+                      logit_scale: float, bg_threshold: Optional[float], batch_size: int, precision: str):
+    from cosmos.errors import CosmosError
+    from cosmos.zeroshot.segment import METHODS, SegmentConfig
+
+    if method not in METHODS:
+        raise CosmosError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+    if bg_threshold is not None and not 0 <= bg_threshold <= 1:
+        raise CosmosError(f"--bg-threshold must be a probability between 0 and 1, got {bg_threshold}")
+    return SegmentConfig(method, short_side, window, stride, logit_scale, bg_threshold, batch_size,
+                         check_precision(precision))
+
+
+@cli_errors
+def segment(
+    images: List[Path] = typer.Argument(..., help="image files", show_default=False),
+    labels: Optional[str] = typer.Option(
+        None, "--labels", "-l", help="comma-separated class names; 'person;people' = several names for one class "
+        "(default: the checkpoint's own labels)"),
+    weights: str = typer.Option(DEFAULT_WEIGHTS, "--weights", "-w", help="checkpoint file or released name"),
+    method: str = typer.Option("csa", "--method", "-m", help=METHOD_HELP),
+    out: Path = typer.Option(Path("segments"), "--out", "-o", help="folder for the mask and overlay PNGs"),
+    templates: str = typer.Option("openai", "--templates", "-t", help="openai, simple, synth, or one template with {}"),
+    short_side: Optional[int] = typer.Option(None, "--short-side", min=1,
+                                             help="resize the short side to this (default 336 x image_size/224)"),
+    window: Optional[int] = typer.Option(None, "--window", min=1, help="window size (default: the model's input size)"),
+    stride: Optional[int] = typer.Option(None, "--stride", min=1, help="window stride (default: window / 2)"),
+    logit_scale: float = typer.Option(40.0, "--logit-scale", help="logits x this before the softmax"),
+    bg_threshold: Optional[float] = typer.Option(
+        None, "--bg-threshold", help="pixels whose best class probability is below this become background"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="windows per forward pass"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if present)"),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (autocast)"),
+    which: str = typer.Option("teacher", "--which", help=WHICH_HELP),
+    as_json: bool = typer.Option(False, "--json", help="print the pixel shares as JSON"),
+) -> None:
+    """Zero-shot segmentation: writes OUT/<name>_mask.png (class indices) and OUT/<name>_overlay.png."""
+    from cosmos.errors import CosmosError
+    from cosmos.images import open_image
+    from cosmos.zeroshot.classify import build_class_embeddings
+    from cosmos.zeroshot.segment import Segmenter, overlay, pixel_shares, save_mask
+    from cosmos.zeroshot.templates import parse_labels, resolve_templates
+
+    classes = parse_labels(labels) if labels is not None else None
+    template_list = resolve_templates(templates)
+    config = segmenter_options(method, short_side, window, stride, logit_scale, bg_threshold, batch_size, precision)
+    model, _, tokenizer = load_model(weights, device, which)
+    if classes is None:
+        classes = model_labels(model)
+    classes, background = with_background(classes, bg_threshold)
+    titles = class_titles(classes)
+    with progress_bar("encoding class prompts") as update:
+        classifier = build_class_embeddings(model, tokenizer, classes, template_list, precision=precision,
+                                            progress=update)
+    segmenter = Segmenter(model, classifier, config, background_index=background)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CosmosError(f"{out}: cannot create the output folder ({e.strerror or e})") from None
+
+    failed, used, report = 0, set(), []
+    for path in images:
+        try:
+            image = open_image(path)
+        except CosmosError as e:
+            failed += 1
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            continue
+        with progress_bar(f"segmenting {path.name}", total=segmenter.count_windows(image)) as update:
+            mask = segmenter(image, progress=update)  # [H, W]
+        stem, n = path.stem, 1
+        while stem in used:
+            n, stem = n + 1, f"{path.stem}-{n + 1}"
+        used.add(stem)
+        mask_path, overlay_path = out / f"{stem}_mask.png", out / f"{stem}_overlay.png"
+        save_mask(mask, mask_path)
+        overlay(image, mask, titles).save(overlay_path)
+        shares = pixel_shares(mask, len(titles))
+        order = sorted(range(len(titles)), key=lambda i: -shares[i])
+        entry = {"image": str(path), "mask": str(mask_path), "overlay": str(overlay_path),
+                 "classes": [{"index": i, "label": titles[i], "share": shares[i]} for i in order if shares[i] > 0]}
+        report.append(entry)
+        if not as_json:
+            table = Table(title=f"{path} -> {mask_path}", title_justify="left")
+            table.add_column("index", justify="right")
+            table.add_column("label")
+            table.add_column("pixels", justify="right")
+            for c in entry["classes"]:
+                table.add_row(str(c["index"]), c["label"], f"{100 * c['share']:.1f}%")
+            console.print(table)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    if failed:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("segment")(segment)
