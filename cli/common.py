@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
-from typing import Callable, NoReturn
+from contextlib import contextmanager
+from typing import Callable, Iterator, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from cosmos.errors import CosmosError
 
@@ -38,3 +39,51 @@ def cli_errors(fn: Callable) -> Callable:
             fail("interrupted", code=130)
 
     return wrapper
+
+
+WHICH_HELP = "which weights of a COSMOS checkpoint: teacher (the paper's evaluation) or student"
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None = None) -> Iterator:
+    """A rich progress bar on stderr (stdout stays clean for --json); yields update(done, total)."""
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+
+        def update(done: int, total_: int | None = None) -> None:
+            progress.update(task, completed=done, total=total_ if total_ is not None else total)
+
+        yield update
+
+
+QUICK_GELU_HELP = "use QuickGELU (OpenAI-trained CLIP weights); COSMOS and LAION models use GELU"
+
+
+def load_model(weights: str, device: Optional[str], which: str, quick_gelu: bool = False):
+    """(model, preprocess, tokenizer) via cosmos.checkpoint.load, with a download bar for registry names."""
+    from cosmos.checkpoint import load
+
+    if which not in ("teacher", "student"):
+        raise CosmosError(f"--which must be 'teacher' or 'student', got {which!r}")
+    with progress_bar(f"loading {weights}") as update:
+        return load(weights, device=device, which=which, quick_gelu=quick_gelu, progress=lambda done, total: update(done, total))
+
+
+PRECISION_HELP = "auto (bf16 autocast where bf16 is native: CUDA, AVX-512 BF16 / AMX CPUs; else fp32), fp32 or bf16"
+
+
+def check_precision(precision: str) -> str:
+    if precision not in ("auto", "fp32", "bf16"):
+        raise CosmosError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+    return precision
+
+
+def model_labels(model, where: str = "--labels") -> list[list[str]]:
+    """The checkpoint's own label set, or a clear error asking for --labels."""
+    from cosmos.zeroshot.templates import parse_class_names
+
+    if not getattr(model, "labels", None):
+        raise CosmosError(f"this checkpoint carries no class names; give them with {where} (e.g. --labels cat,dog)")
+    return [names for names in (parse_class_names(label) for label in model.labels) if names]

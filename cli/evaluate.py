@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from .classify import WHICH_HELP, check_precision, load_model, progress_bar
+from .common import PRECISION_HELP, QUICK_GELU_HELP, WHICH_HELP, check_precision, load_model, progress_bar
 from .common import DEFAULT_WEIGHTS, cli_errors, console
 from .segment import METHOD_HELP, class_titles, segmenter_options
 
@@ -21,7 +21,7 @@ eval_app = typer.Typer(help="Zero-shot evaluation: classification, retrieval, se
 # Options every eval command shares.
 WEIGHTS = typer.Option(DEFAULT_WEIGHTS, "--weights", "-w", help="checkpoint file or released name")
 DEVICE = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if present)")
-PRECISION = typer.Option("fp32", "--precision", help="fp32 or bf16 (autocast)")
+PRECISION = typer.Option("auto", "--precision", help=PRECISION_HELP)
 OUT = typer.Option(None, "--out", "-o", help="write the results as JSON to this file")
 SYNTHETIC = typer.Option(None, "--synthetic", help="a `cosmos synth` output folder: run its eval sets")
 
@@ -80,6 +80,7 @@ def classification(
         "(default: openai; synth / synth-colour with --synthetic)"),
     weights: str = WEIGHTS,
     which: str = typer.Option("teacher", "--which", help=WHICH_HELP),
+    quick_gelu: bool = typer.Option(False, "--quick-gelu", help=QUICK_GELU_HELP),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     workers: int = typer.Option(0, "--workers", min=0, help="image loading processes"),
     device: Optional[str] = DEVICE,
@@ -99,7 +100,7 @@ def classification(
     if classnames is not None:
         folders = read_image_folder(next(iter(sets.values()))).folders
         classes = read_classnames(classnames, expected=len(folders))
-    model, preprocess, tokenizer = load_model(weights, device, which)
+    model, preprocess, tokenizer = load_model(weights, device, which, quick_gelu)
     results = {}
     for name, path in sets.items():
         set_templates = templates or default_templates.get(name, "openai")
@@ -130,6 +131,7 @@ def retrieval(
     split: str = typer.Option("test", "--split", help="Karpathy split to evaluate"),
     weights: str = WEIGHTS,
     which: str = typer.Option("teacher", "--which", help=WHICH_HELP),
+    quick_gelu: bool = typer.Option(False, "--quick-gelu", help=QUICK_GELU_HELP),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     workers: int = typer.Option(0, "--workers", min=0, help="image loading processes"),
     device: Optional[str] = DEVICE,
@@ -142,7 +144,7 @@ def retrieval(
     sets = _data_or_synthetic(data, synthetic, {"retrieval": "retrieval/captions.json"})
     check_precision(precision)
     datasets = {name: load_retrieval_set(path, images, split) for name, path in sets.items()}
-    model, preprocess, tokenizer = load_model(weights, device, which)
+    model, preprocess, tokenizer = load_model(weights, device, which, quick_gelu)
     results = {}
     for name, dataset in datasets.items():
         with progress_bar(f"retrieval {name}") as update:
@@ -186,6 +188,7 @@ def segmentation(
         "through --bg-threshold"),
     weights: str = WEIGHTS,
     which: str = typer.Option("teacher", "--which", help=WHICH_HELP),
+    quick_gelu: bool = typer.Option(False, "--quick-gelu", help=QUICK_GELU_HELP),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="windows per forward pass"),
     device: Optional[str] = DEVICE,
     precision: str = PRECISION,
@@ -215,7 +218,7 @@ def segmentation(
             classes = [[]] + classes[1:]
         set_templates = templates or default_templates.get(name, "openai")
         prepared[name] = (dataset, classes, titles, resolve_templates(set_templates), set_templates)
-    model, _, tokenizer = load_model(weights, device, which)
+    model, _, tokenizer = load_model(weights, device, which, quick_gelu)
     results = {}
     for name, (dataset, classes, titles, template_list, set_templates) in prepared.items():
         with progress_bar("encoding class prompts") as update:

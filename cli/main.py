@@ -18,6 +18,9 @@ app = typer.Typer(
 
 # Each command module defines `register(app)`; add a module's name here to put its commands on the app.
 COMMAND_MODULES = [
+    "preprocess",
+    "classify", "segment", "evaluate",
+    "synth",
 ]
 
 for _name in COMMAND_MODULES:

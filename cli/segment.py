@@ -9,7 +9,9 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from .classify import WHICH_HELP, check_precision, load_model, model_labels, progress_bar
+from .common import (
+    PRECISION_HELP, QUICK_GELU_HELP, WHICH_HELP, check_precision, load_model, model_labels, progress_bar,
+)
 from .common import DEFAULT_WEIGHTS, cli_errors, console, err_console
 
 METHOD_HELP = "last-block variant: plain, csa (SCLIP), clearclip or maskclip"
@@ -62,8 +64,9 @@ def segment(
         None, "--bg-threshold", help="pixels whose best class probability is below this become background"),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="windows per forward pass"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if present)"),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 or bf16 (autocast)"),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     which: str = typer.Option("teacher", "--which", help=WHICH_HELP),
+    quick_gelu: bool = typer.Option(False, "--quick-gelu", help=QUICK_GELU_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the pixel shares as JSON"),
 ) -> None:
     """Zero-shot segmentation: writes OUT/<name>_mask.png (class indices) and OUT/<name>_overlay.png."""
@@ -76,7 +79,7 @@ def segment(
     classes = parse_labels(labels) if labels is not None else None
     template_list = resolve_templates(templates)
     config = segmenter_options(method, short_side, window, stride, logit_scale, bg_threshold, batch_size, precision)
-    model, _, tokenizer = load_model(weights, device, which)
+    model, _, tokenizer = load_model(weights, device, which, quick_gelu)
     if classes is None:
         classes = model_labels(model)
     classes, background = with_background(classes, bg_threshold)

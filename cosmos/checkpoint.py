@@ -184,8 +184,12 @@ def infer_config(sd: dict[str, torch.Tensor], quick_gelu: bool = False, name: st
     return CosmosConfig(embed_dim, vision, text, quick_gelu=quick_gelu, cosmos=cosmos, cross_pool_heads=heads)
 
 
-def load_state(model: CosmosModel, sd: dict[str, torch.Tensor], name: str) -> None:
-    """Strict load with an error that names missing, unexpected and mis-shaped keys."""
+def load_state(model: CosmosModel, sd: dict[str, torch.Tensor], name: str, assign: bool = False) -> None:
+    """Strict load with an error that names missing, unexpected and mis-shaped keys.
+
+    assign=True makes the file's tensors the model's parameters (for a model built on the meta device); keep it off
+    for a model an optimizer already holds.
+    """
     sd = dict(sd)
     for key in ("logit_scale", "distill_logit_scale"):  # OpenCLIP has saved both [] and [1]
         if key in sd and sd[key].dim() == 1 and sd[key].numel() == 1:
@@ -203,7 +207,9 @@ def load_state(model: CosmosModel, sd: dict[str, torch.Tensor], name: str) -> No
         problems.append(f"shape mismatches {_abbrev(shapes)} (file vs model)")
     if problems:
         raise CosmosError(f"{name}: does not fit the model: " + "; ".join(problems))
-    model.load_state_dict(sd, strict=True)
+    if assign:  # floating tensors become float32: a file saved in half precision loads as fp32
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=assign)
 
 
 def _abbrev(items: list[str], n: int = 6) -> str:
@@ -242,8 +248,9 @@ def load_model(
         config = infer_config(sd, quick_gelu=quick_gelu, name=str(path))
     if not any(is_cosmos_extra(k) for k in sd):
         config.cosmos = False  # a plain CLIP file (or a teacher saved without extras) loads into the CLIP part
-    model = CosmosModel(config)
-    load_state(model, sd, str(path))
+    with torch.device("meta"):  # no random init: every tensor comes from the file
+        model = CosmosModel(config)
+    load_state(model, sd, str(path), assign=True)
     labels = meta.get("labels")
     model.labels = list(labels) if labels else None
     return model.to(resolve_device(device)).eval(), meta
