@@ -27,6 +27,7 @@ setup(
         "regex",
         "ftfy",
         "typer>=0.9",
+        "rich",  # comes with typer; named because the CLI imports it directly
     ],
     extras_require={
         # References for parity tests only; the library never imports them.

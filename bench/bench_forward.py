@@ -18,7 +18,7 @@ import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
 from cosmos.device import autocast
-from cosmos.model.cosmos import CosmosModel, get_config
+from cosmos.model.cosmos import CosmosModel, get_config, is_cosmos_extra
 
 
 def reference_model(name: str) -> tuple[torch.nn.Module, object]:
@@ -59,7 +59,8 @@ def main() -> None:
         ref, cfg = reference_model(name)
         ref.eval()
         ours = CosmosModel(cfg).eval()
-        ours.load_state_dict(ref.state_dict(), strict=False)
+        missing, unexpected = ours.load_state_dict(ref.state_dict(), strict=False)
+        assert not unexpected and all(is_cosmos_extra(k) for k in missing), (missing, unexpected)
         s, L = cfg.vision.image_size, cfg.text.context_length
         images = torch.randn(args.batch, 3, s, s)
         text = torch.randint(1, 49000, (args.batch, L))

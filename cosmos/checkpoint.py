@@ -11,7 +11,9 @@ into the CLIP part of the model (the COSMOS extras are then absent: `model.confi
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import http.client
 import os
 import re
 import socket
@@ -49,48 +51,94 @@ ProgressFn = Callable[[int, int | None], None]  # (bytes so far, total bytes or 
 
 
 def download(name: str, progress: ProgressFn | None = None, timeout: float = 30.0) -> Path:
-    """Fetch a released checkpoint into the cache once; resume a broken download from its `.part` file."""
+    """Fetch a released checkpoint into the cache once; resume a broken download from its `.part` file.
+
+    Several processes (e.g. DDP ranks) may call this at once: a lock file lets one download while the others wait.
+    """
     if name not in RELEASED:
         raise CosmosError(f"unknown checkpoint name {name!r}; known: {', '.join(RELEASED)}")
     target = cache_dir() / RELEASED[name]
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(target.name + ".part")
-    url = hub_url(name)
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    with _file_lock(target.with_name(target.name + ".lock")):
+        if not target.is_file():  # another process may have finished it while we waited
+            _fetch(name, hub_url(name), target, progress, timeout)
+    return target
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            if have and response.status != 206:  # the server ignored the range: start again
-                have = 0
-            length = response.headers.get("Content-Length")
-            total = have + int(length) if length is not None else None
-            with open(part, "ab" if have else "wb") as out:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform: concurrent downloads are the caller's business
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    """(start, total) of a Content-Range header: "bytes 100-199/1000" -> (100, 1000), "bytes */1000" -> (None, 1000);
+    an unknown part is None."""
+    match = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*", value or "")
+    if not match:
+        return None, None
+    start, total = match.groups()
+    return (int(start) if start else None), (int(total) if total != "*" else None)
+
+
+def _fetch(name: str, url: str, target: Path, progress: ProgressFn | None, timeout: float) -> None:
+    part = target.with_name(target.name + ".part")
+    for attempt in range(2):  # a second attempt only after discarding a .part file that does not fit the remote file
+        have = part.stat().st_size if part.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                if response.status == 206:
+                    start, total = _content_range(response.headers.get("Content-Range"))
+                    if start != have:  # not the continuation we asked for: start again from zero
+                        part.unlink()
+                        continue
+                else:  # 200: the whole file (the server ignored or did not need the range)
+                    have = 0
+                    length = response.headers.get("Content-Length")
+                    total = int(length) if length is not None else None
                 done = have
-                if progress:
-                    progress(done, total)
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    done += len(chunk)
+                with open(part, "ab" if have else "wb") as out:
                     if progress:
                         progress(done, total)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and have:  # range past the end: the .part file is already complete
-            os.replace(part, target)
-            return target
-        raise CosmosError(f"downloading {name} from {url} failed: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, socket.timeout, ConnectionError, TimeoutError) as e:
-        reason = getattr(e, "reason", e)
-        kept = f"; {part} keeps the {part.stat().st_size} bytes received, the next try resumes" if part.exists() else ""
-        raise CosmosError(
-            f"cannot download {name} from {url} ({reason}): no network? Download the file by hand and pass its "
-            f"path with --weights, or put it at {target}{kept}"
-        ) from None
-    if total is not None and done != total:
-        raise CosmosError(f"download of {name} stopped at {done} of {total} bytes; run again to resume")
-    os.replace(part, target)
-    return target
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+                        done += len(chunk)
+                        if progress:
+                            progress(done, total)
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # nothing left past our bytes: complete only if the sizes agree
+                _, total = _content_range(e.headers.get("Content-Range"))
+                if total == have:
+                    os.replace(part, target)
+                    return
+                part.unlink()
+                continue
+            raise CosmosError(f"downloading {name} from {url} failed: HTTP {e.code} {e.reason}") from None
+        except (urllib.error.URLError, socket.timeout, ConnectionError, TimeoutError, http.client.HTTPException) as e:
+            reason = getattr(e, "reason", None) or type(e).__name__
+            kept = f"; {part} keeps the {part.stat().st_size} bytes received, the next try resumes" if part.exists() else ""
+            raise CosmosError(
+                f"cannot download {name} from {url} ({reason}): no network? Download the file by hand and pass its "
+                f"path with --weights, or put it at {target}{kept}"
+            ) from None
+        if total is not None and done != total:
+            raise CosmosError(f"download of {name} stopped at {done} of {total} bytes; run again to resume")
+        os.replace(part, target)
+        return
+    raise CosmosError(f"downloading {name} from {url}: the server's file does not match the partial download; "
+                      f"delete {part} and try again")
 
 
 # --- reading files -----------------------------------------------------------------------------------------------
@@ -150,8 +198,13 @@ def _count_blocks(sd: dict, prefix: str) -> int:
     return max(found) + 1 if found else 0
 
 
+# Head counts cannot be read off tensors. OpenCLIP's ViTs use a head width of 64 except these vision widths
+# (ViT-H-14: 1280 / 80, ViT-g-14: 1408 / 88, ViT-bigG-14: 1664 / 104); every text tower uses 64.
+VISION_HEAD_WIDTH = {1280: 80, 1408: 88, 1664: 104}
+
+
 def infer_config(sd: dict[str, torch.Tensor], quick_gelu: bool = False, name: str = "checkpoint") -> CosmosConfig:
-    """Read a model config off the tensor shapes (heads assume a head width of 64, as every CLIP ViT does)."""
+    """Read a model config off the tensor shapes; head counts follow OpenCLIP's head widths (VISION_HEAD_WIDTH)."""
     try:
         pos = sd["visual.positional_embedding"]
         width = pos.shape[1]
@@ -165,7 +218,8 @@ def infer_config(sd: dict[str, torch.Tensor], quick_gelu: bool = False, name: st
             raise CosmosError(f"{name}: visual.positional_embedding {tuple(pos.shape)} is not 1 + a square grid")
         vision = VisionConfig(
             image_size=grid * patch, patch_size=patch, width=width,
-            layers=_count_blocks(sd, "visual.transformer.resblocks."), heads=max(1, width // 64),
+            layers=_count_blocks(sd, "visual.transformer.resblocks."),
+            heads=max(1, width // VISION_HEAD_WIDTH.get(width, 64)),
             mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width, stem=stem,
         )
         t_width = sd["token_embedding.weight"].shape[1]
@@ -239,7 +293,12 @@ def load_model(
     from .device import resolve_device
 
     path = resolve_weights(weights, progress)
-    obj = read_checkpoint(path)
+    try:
+        obj = read_checkpoint(path)
+    except CosmosError as e:
+        if str(weights) in RELEASED and not Path(weights).exists():  # a damaged file in the download cache
+            raise CosmosError(f"{e}; delete {path} to download it again") from None
+        raise
     sd, meta = split_checkpoint(obj, which, str(path))
     if isinstance(meta.get("config"), dict):
         config = CosmosConfig.from_dict(meta["config"])
@@ -315,8 +374,3 @@ def load(
         tokenizer = copy.copy(tokenizer)  # never change the shared CLIP instance
         tokenizer.context_length = model.context_length
     return model, eval_transform(model.image_size), tokenizer
-
-
-def new_model(config: str | CosmosConfig = "tiny") -> CosmosModel:
-    """A randomly initialized model from a named config (e.g. for training from scratch)."""
-    return CosmosModel(get_config(config) if isinstance(config, str) else config)

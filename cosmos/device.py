@@ -20,8 +20,8 @@ def bf16_is_fast(device: torch.device | str) -> bool:
     On a CPU without them (e.g. AVX2 only) PyTorch emulates bf16 and autocast is several times SLOWER than fp32.
     """
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # native bf16 from Ampere (compute capability 8.0) on; older GPUs emulate it
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type != "cpu":
         return False
     try:
@@ -47,6 +47,4 @@ def autocast(device: torch.device | str, precision: str = "fp32"):
     precision = resolve_precision(device, precision)
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise ValueError(f"unknown precision {precision!r}; use fp32 or bf16")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

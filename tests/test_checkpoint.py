@@ -172,22 +172,26 @@ def test_missing_file_and_unknown_name():
 class RangeHandler(http.server.BaseHTTPRequestHandler):
     payload = b""
     honour_range = True
+    wrong_start = False  # answer a Range request with 206 from byte 0 (a broken server or CDN)
     cut_after = None  # send only this many bytes of the body, then close (a broken download)
     seen_ranges: list = []
 
     def do_GET(self):
-        body, status = self.payload, 200
+        body, status, start = self.payload, 200, 0
         rng = self.headers.get("Range")
         type(self).seen_ranges.append(rng)
         if rng and self.honour_range:
-            start = int(rng.split("=")[1].split("-")[0])
+            start = 0 if self.wrong_start else int(rng.split("=")[1].split("-")[0])
             if start >= len(body):
                 self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
                 self.end_headers()
                 return
             body, status = body[start:], 206
         self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{len(self.payload) - 1}/{len(self.payload)}")
         self.end_headers()
         if self.cut_after is not None:
             body = body[: self.cut_after]
@@ -227,7 +231,7 @@ def test_broken_download_resumes(server):
     server.cut_after = 1_000_000
     with pytest.raises(CosmosError, match="stopped at|no network"):
         download(NAME)
-    part = Path(os.environ["COSMOS_CACHE"]) / (RELEASED[NAME] + ".part")
+    part = _part()
     assert part.stat().st_size == 1_000_000
     server.cut_after = None
     path = download(NAME)
@@ -243,6 +247,53 @@ def test_server_without_ranges_restarts_cleanly(server):
     part.write_bytes(b"stale bytes")
     server.honour_range = False
     assert download(NAME).read_bytes() == server.payload
+
+
+def _part() -> Path:
+    return Path(os.environ["COSMOS_CACHE"]) / (RELEASED[NAME] + ".part")
+
+
+def test_part_file_larger_than_remote_is_discarded(server):
+    # a 416 answer means "nothing past your bytes": complete only if the sizes agree, else start again
+    server.payload = os.urandom(100_000)
+    _part().parent.mkdir(parents=True)
+    _part().write_bytes(os.urandom(200_000))
+    assert download(NAME).read_bytes() == server.payload
+
+
+def test_complete_part_file_is_promoted_on_416(server):
+    server.payload = os.urandom(100_000)
+    _part().parent.mkdir(parents=True)
+    _part().write_bytes(server.payload)
+    assert download(NAME).read_bytes() == server.payload
+    assert server.seen_ranges == ["bytes=100000-"]
+
+
+def test_206_from_the_wrong_offset_is_not_appended(server):
+    server.payload = os.urandom(100_000)
+    server.wrong_start = True
+    _part().parent.mkdir(parents=True)
+    _part().write_bytes(server.payload[:30_000])
+    assert download(NAME).read_bytes() == server.payload
+
+
+def test_concurrent_downloads_share_one_file(server):
+    server.payload = os.urandom(2_000_000)
+    results, errors = [], []
+
+    def fetch():
+        try:
+            results.append(download(NAME).read_bytes())
+        except Exception as e:  # noqa: BLE001 - any failure is the test's failure
+            errors.append(e)
+
+    threads = [threading.Thread(target=fetch) for _ in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors and results == [server.payload] * 3
+    assert len(server.seen_ranges) == 1
 
 
 def test_no_network_says_so(monkeypatch, tmp_path):
@@ -265,3 +316,31 @@ def test_registry_name_loads_a_downloaded_checkpoint(server):
     server.payload = path.read_bytes()
     model, _ = load_model(NAME)
     assert torch.equal(model.state_dict()["visual.proj"], teacher.state_dict()["visual.proj"])
+
+
+def test_wide_vision_towers_infer_openclip_head_counts(tmp_path):
+    # ViT-H/g/bigG use a vision head width other than 64; a wrong head count would load strictly but compute wrong
+    torch.manual_seed(0)
+    ref = open_clip.model.CLIP(
+        embed_dim=64,
+        vision_cfg=CLIPVisionCfg(layers=1, width=1280, head_width=80, patch_size=14, image_size=28),
+        text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1),
+    ).eval()
+    torch.save(ref.state_dict(), tmp_path / "wide.pt")
+    model, _ = load_model(tmp_path / "wide.pt")
+    assert model.config.vision.heads == 16
+    images = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert (model.encode_image(images) - ref.encode_image(images)).abs().max() <= 1e-5
+
+
+def test_loaded_model_deep_copies_into_an_independent_teacher(tmp_path):
+    import copy
+
+    torch.save({"student": CosmosModel(SMALL).state_dict()}, tmp_path / "s.pt")
+    student, _ = load_model(tmp_path / "s.pt", which="student")
+    teacher = copy.deepcopy(student)
+    assert all(p.device.type == "cpu" for p in teacher.parameters())
+    with torch.no_grad():
+        teacher.visual.proj.add_(1.0)
+    assert not torch.equal(teacher.visual.proj, student.visual.proj)

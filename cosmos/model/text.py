@@ -49,7 +49,7 @@ class TextTower(nn.Module):
         if text.dim() != 2 or text.shape[1] > self.context_length:
             raise ValueError(f"text ids must be [B, L<={self.context_length}], got {tuple(text.shape)}")
         n = text.shape[1]
-        x = self.token_embedding(text) + self.positional_embedding[:n].to(self.token_embedding.weight.dtype)
+        x = self.token_embedding(text) + self.positional_embedding[:n]  # [B, L, W]
         x = self.ln_final(self.transformer(x, is_causal=True))  # [B, L, W]
         eot = text.argmax(dim=-1)  # [B]
         pooled = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection  # [B, E]
