@@ -5,8 +5,10 @@
 Views: for the default (224 / 96 px) and tiny (64 / 32 px) recipes, time one sample's 8 image views + 8 tokenized
 text views, ours against a reference built the way DINO builds it (torchvision transforms on PIL: RandomResizedCrop,
 flip, RandomApply(ColorJitter), RandomGrayscale, PIL GaussianBlur, solarize, ToTensor, Normalize, per crop; the
-same text crops through the same tokenizer). Both run in this process, one thread, interleaved (ours, reference,
-...) so machine load hits both alike; the medians and the ratio ours / reference are printed.
+same text crops through the same tokenizer), like for like: the same config's sizes, scales, flip probability, blur
+sigma range and context length, and the same captions dicts as input. Both run in this process, one thread,
+interleaved (ours, reference, ...) so machine load hits both alike; the medians and the ratio ours / reference are
+printed.
 Synth: scenes per second of `write_synth` with 1 and 2 workers, PNG and JPEG training images (ratios against the
 1-worker PNG run).
 """
@@ -32,11 +34,13 @@ from cosmos.transforms import CLIP_MEAN, CLIP_STD
 
 
 class PilBlur:
-    def __init__(self, p: float):
-        self.p = p
+    def __init__(self, p: float, sigma: tuple[float, float]):
+        self.p, self.sigma = p, sigma
 
     def __call__(self, img):
-        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0))) if random.random() < self.p else img
+        if random.random() < self.p:
+            return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+        return img
 
 
 class PilSolarize:
@@ -48,33 +52,35 @@ class PilSolarize:
 
 
 class DinoReference:
-    """DINO's DataAugmentationDINO recipe with torchvision transforms, plus text crops through the tokenizer."""
+    """DINO's DataAugmentationDINO recipe with torchvision transforms, plus text crops through the tokenizer, with
+    the config's sizes, scales, flip probability, blur range and context length (like for like with ours)."""
 
     def __init__(self, cfg: ViewConfig, tokenizer):
-        flip_jitter = T.Compose([T.RandomHorizontalFlip(0.5),
+        flip_jitter = T.Compose([T.RandomHorizontalFlip(cfg.hflip_p),
                                  T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
                                  T.RandomGrayscale(0.2)])
         norm = T.Compose([T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
         bicubic = T.InterpolationMode.BICUBIC
         self.g1 = T.Compose([T.RandomResizedCrop(cfg.global_size, cfg.global_scale, interpolation=bicubic),
-                             flip_jitter, PilBlur(1.0), norm])
+                             flip_jitter, PilBlur(1.0, cfg.blur_sigma), norm])
         self.g2 = T.Compose([T.RandomResizedCrop(cfg.global_size, cfg.global_scale, interpolation=bicubic),
-                             flip_jitter, PilBlur(0.1), PilSolarize(0.2), norm])
+                             flip_jitter, PilBlur(0.1, cfg.blur_sigma), PilSolarize(0.2), norm])
         self.local = T.Compose([T.RandomResizedCrop(cfg.local_size, cfg.local_scale, interpolation=bicubic),
-                                flip_jitter, PilBlur(0.5), norm])
+                                flip_jitter, PilBlur(0.5, cfg.blur_sigma), norm])
         self.cfg, self.tokenizer = cfg, tokenizer
 
-    def __call__(self, image, sentences):
+    def __call__(self, image, captions):
         g = torch.stack([self.g1(image), self.g2(image)])  # [2, 3, G, G]
         l = torch.stack([self.local(image) for _ in range(self.cfg.n_local)])  # [6, 3, L, L]
-        gt, lt = text_crops(sentences, self.cfg, random.Random(random.getrandbits(64)))
-        return g, l, self.tokenizer(gt, context_length=77), self.tokenizer(lt, context_length=77)
+        gt, lt = text_crops(captions, self.cfg, random.Random(random.getrandbits(64)))
+        ctx = self.cfg.context_length
+        return g, l, self.tokenizer(gt, context_length=ctx), self.tokenizer(lt, context_length=ctx)
 
 
-def time_views(fn, images, sentences) -> float:
+def time_views(fn, images, captions) -> float:
     start = time.perf_counter()
     for i, image in enumerate(images):
-        fn(image, sentences[i])
+        fn(image, captions[i])
     return len(images) / (time.perf_counter() - start)  # samples/s
 
 
@@ -82,16 +88,16 @@ def bench_views(samples: int, repeats: int, tokenizer) -> None:
     print(f"views: one process, 1 thread, {samples} samples per timing, median of {repeats}")
     print(f"{'recipe':<10} {'image':>9} {'ours samples/s':>15} {'reference':>10} {'ratio':>6}")
     for name, cfg, side in (("default", ViewConfig(), 320), ("tiny", ViewConfig.tiny(), 128)):
-        images, sentences = [], []
+        images, captions = [], []
         for i in range(samples):
             scene = make_scene(scene_rng(0, "bench", i), 128)
             images.append(scene.image.resize((side, side), Image.BICUBIC))
-            sentences.append(scene.captions["raw"] + scene.captions["short"] + scene.captions["long"])
+            captions.append(scene.captions)  # the captions dict, as the loader hands it over
         ours, ref = MultiViewTransform(cfg, tokenizer, seed=0), DinoReference(cfg, tokenizer)
         ours_t, ref_t = [], []
         for _ in range(repeats):
-            ours_t.append(time_views(ours, images, sentences))
-            ref_t.append(time_views(ref, images, sentences))
+            ours_t.append(time_views(ours, images, captions))
+            ref_t.append(time_views(ref, images, captions))
         o, r = statistics.median(ours_t), statistics.median(ref_t)
         print(f"{name:<10} {side:>6} px {o:>15.1f} {r:>10.1f} {o / r:>6.2f}")
 

@@ -15,11 +15,11 @@ def synth(
     n: int = typer.Option(..., "--n", help="Number of training scenes."),
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed writes byte-identical files."),
     size: int = typer.Option(128, "--size", help="Image side in pixels (at least 32)."),
-    n_eval: int = typer.Option(500, "--n-eval", help="Images per evaluation set."),
+    n_eval: int = typer.Option(500, "--n-eval", help="Images per evaluation set (0 writes no evaluation sets)."),
     image_format: str = typer.Option("png", "--format", help="Training image format: png or jpg."),
     masks: bool = typer.Option(False, "--masks", help="Also store each training scene's masks in the shards."),
     maxcount: int = typer.Option(1000, "--maxcount", help="Samples per shard."),
-    workers: int = typer.Option(0, "--workers", help="Worker processes (0 = one per CPU core)."),
+    workers: int = typer.Option(0, "--workers", help="Worker processes (0 = one per CPU core available)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace synthetic data already in --out."),
 ) -> None:
     """Procedural image-text scenes with exact masks: training shards in DIR/train, eval sets in DIR/eval."""
@@ -30,9 +30,10 @@ def synth(
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("synth", total=total)
         write_synth(out, n=n, seed=seed, size=size, n_eval=n_eval, overwrite=overwrite, image_format=image_format,
-                    masks=masks, maxcount=maxcount, workers=workers or None,
+                    masks=masks, maxcount=maxcount, workers=workers,
                     progress=lambda k: bar.advance(task, k))
-    console.print(f"wrote {n} training scenes to {out / 'train'} and {n_eval} per eval set to {out / 'eval'}")
+    evals = f" and {n_eval} per eval set to {out / 'eval'}" if n_eval else " (no eval sets: --n-eval 0)"
+    console.print(f"wrote {n} training scenes to {out / 'train'}{evals}")
 
 
 def register(app: typer.Typer) -> None:

@@ -12,21 +12,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from cosmos.data.synth import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, make_scene, scene_rng
+import cosmos.data.synth as synth_module
+from cosmos.data.synth import (COLOURS, POSITIONS, SHAPES, Scene, SceneObject, default_workers, make_captions,
+                                 make_scene, scene_rng, write_synth)
 from cosmos.errors import CosmosError
 
-try:
-    from cosmos_cli.main import app
-except ImportError:  # not installed yet: the cli/ folder is the cosmos_cli package
-    import importlib.util
-    import sys
-
-    _spec = importlib.util.spec_from_file_location(
-        "cosmos_cli", Path(__file__).resolve().parent.parent / "cli" / "__init__.py",
-        submodule_search_locations=[str(Path(__file__).resolve().parent.parent / "cli")])
-    sys.modules["cosmos_cli"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["cosmos_cli"])
-    from cosmos_cli.main import app
+from cosmos_cli.main import app
 
 COLOUR_NAMES = list(COLOURS)
 SIZE_SYNONYMS = {"small": "small", "little": "small", "tiny": "small", "large": "large", "big": "large"}
@@ -73,7 +64,7 @@ def check_scene_against_its_captions(scene, size: int) -> None:
     assert len({p["position"] for p in named}) == len(named)
 
     covered = np.zeros_like(shape_mask, dtype=bool)
-    areas = {}
+    ranks = {}  # (colour, shape) -> (is large, pixel count): how the alt-text picks its object
     for obj in named:
         rows, cols = cell_slices(obj["position"], size)
         cell_shape, cell_colour = shape_mask[rows, cols], colour_mask[rows, cols]
@@ -86,7 +77,8 @@ def check_scene_against_its_captions(scene, size: int) -> None:
         # The image shows exactly that colour on exactly those pixels.
         assert (pixels[rows, cols][inside] == COLOURS[obj["colour"]]).all()
         covered[rows, cols] |= inside
-        areas[(obj["colour"], obj["shape"])] = max(areas.get((obj["colour"], obj["shape"]), 0), int(inside.sum()))
+        rank = (obj["size"] == "large", int(inside.sum()))
+        ranks[(obj["colour"], obj["shape"])] = max(ranks.get((obj["colour"], obj["shape"]), rank), rank)
         # Sizes, as drawn: a small object spans at most half a cell (+2 px of rasterization), a large one at
         # least 0.648 of a cell (-1 px), so the two never meet.
         width = np.nonzero(inside.any(axis=0))[0]
@@ -102,11 +94,12 @@ def check_scene_against_its_captions(scene, size: int) -> None:
     for rgb in COLOURS.values():
         assert not (background == rgb).all(axis=1).any()
 
-    # raw: alt-text naming the largest object; short: one sentence.
+    # raw: alt-text naming the largest object (a large one if the long caption calls any object large, then the
+    # most pixels); short: one sentence.
     (raw,) = scene.captions["raw"]
     raw_shape, raw_colour = _words(raw, SHAPES), _words(raw, COLOURS)
     assert len(raw_shape) == 1 and len(raw_colour) == 1
-    assert areas[(raw_colour[0], raw_shape[0])] == max(areas.values())
+    assert ranks[(raw_colour[0], raw_shape[0])] == max(ranks.values())
     (short,) = scene.captions["short"]
     assert "." not in short and short
 
@@ -123,6 +116,31 @@ def test_masks_agree_with_the_long_captions(size):
         seen_backgrounds.add((scene.background, scene.texture))
     assert seen_shapes == set(SHAPES) and seen_colours == set(COLOURS) and seen_positions == set(POSITIONS)
     assert len(seen_backgrounds) == 16
+
+
+def test_raw_caption_names_a_large_object_over_a_bigger_small_one():
+    """A small square can hold more pixels than a large star (the star is thin); the alt-text names the object
+    the other captions call large."""
+    objects = [SceneObject("square", "blue", "small", "center", (25, 25, 36, 36), 110),
+               SceneObject("star", "red", "large", "top left", (2, 2, 19, 19), 99)]
+    scene = Scene(Image.new("RGB", (64, 64)), np.zeros((64, 64), np.uint8), np.zeros((64, 64), np.uint8), objects,
+                  "grey", "plain")
+    for seed in range(30):
+        (raw,) = make_captions(scene_rng(seed, "x", 0), scene)["raw"]
+        assert _words(raw, SHAPES) == ["star"] and _words(raw, COLOURS) == ["red"], raw
+    objects[1].size = "small"  # both small: the most pixels wins
+    assert _words(make_captions(scene_rng(0, "x", 0), scene)["raw"][0], SHAPES) == ["square"]
+
+
+def test_articles_before_vowels_in_every_field():
+    """"an orange ...", never "a orange ..." (templates such as "stock image of a {colour} {shape}" included)."""
+    oranges = 0
+    for i in range(400):
+        captions = make_scene(scene_rng(2, "train", i), 48).captions
+        for sentence in [s for field in captions.values() for s in field]:
+            assert not re.search(r"\b[Aa] [aeiouAEIOU]", sentence), sentence
+            oranges += bool(re.search(r"\b[Aa]n orange", sentence))
+    assert oranges > 20  # the rule was exercised
 
 
 def test_captions_vary_in_wording():
@@ -248,6 +266,39 @@ def test_eval_scenes_are_not_training_scenes(written):
     assert not train & {a["caption"] for a in coco["annotations"]}
 
 
+def _pixels(data: bytes) -> bytes:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).tobytes()
+
+
+def test_classify_and_segment_scenes_are_their_own_streams(written):
+    """Each classification / segmentation image is the scene of its own stream's generator (seed, stream, index),
+    and no eval image is a training image."""
+    import webdataset as wds
+
+    train = {_pixels(s["png"]) for s in wds.WebDataset(sorted(str(p) for p in (written / "train").glob("*.tar")),
+                                                     shardshuffle=False, empty_check=False)}
+    assert len(train) == N
+    ev = written / "eval"
+    checked = 0
+    for stream, folder in (("classify_shape", ev / "classify_shape"), ("classify_colour", ev / "classify_colour"),
+                           ("segment", ev / "segment_shape" / "images"), ("segment", ev / "segment_colour" / "images")):
+        files = sorted(folder.rglob("*.png"))
+        assert len(files) == N_EVAL
+        for path in files:
+            index = int(path.stem)
+            if stream == "classify_shape":
+                scene = make_scene(scene_rng(0, stream, index), 64, n_objects=1, shape=path.parent.name)
+            elif stream == "classify_colour":
+                scene = make_scene(scene_rng(0, stream, index), 64, n_objects=1, colour=path.parent.name)
+            else:
+                scene = make_scene(scene_rng(0, stream, index), 64)
+            pixels = _pixels(path.read_bytes())
+            assert pixels == np.asarray(scene.image).tobytes(), path
+            assert pixels not in train, path
+            checked += 1
+    assert checked == 4 * N_EVAL
+
+
 def test_same_seed_same_bytes_any_worker_count_and_different_seed_differs(written, tmp_path):
     assert synth(tmp_path / "again", 0, "--workers", "1").exit_code == 0
     first, again = all_files(written), all_files(tmp_path / "again")
@@ -277,13 +328,69 @@ def test_refuses_a_non_empty_directory_without_overwrite(written, tmp_path):
     [
         (["--size", "16"], "--size 16: scenes need at least 32 px"),
         (["--format", "gif"], "image format 'gif' is not supported; use one of png, jpg"),
+        (["--maxcount", "0"], "--maxcount 0: each shard needs room for at least 1 sample"),
+        (["--n", "0"], "--n 0: the training set needs at least 1 scene"),
+        (["--n-eval", "-1"], "--n-eval -1: must be >= 0 (0 writes no evaluation sets)"),
+        (["--workers", "-1"], "--workers -1: must be >= 0 (0 = one per CPU core)"),
     ],
 )
-def test_bad_options_give_one_line_errors(tmp_path, args, message):
-    result = synth(tmp_path / "x", 0, *args)
-    assert result.exit_code == 2
-    assert message in result.output
-    assert "Traceback" not in result.output
+def test_bad_options_give_one_line_errors_and_write_nothing(tmp_path, args, message):
+    """A bad option is refused before the disk is touched, so the same --out works on the rerun."""
+    for out in (tmp_path / "x", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        result = synth(out, 0, *args)
+        assert result.exit_code == 2
+        assert message in result.output
+        assert "Traceback" not in result.output
+        assert not out.exists() if out.name == "x" else not any(out.iterdir())
+    result = synth(tmp_path / "x", 0, "--workers", "1", "--n-eval", "0")
+    assert result.exit_code == 0, result.output
+
+
+def test_a_failed_run_removes_what_it_wrote(tmp_path, monkeypatch):
+    render = synth_module._render
+
+    def failing(job):
+        if job.stream == "retrieval" and job.index == 2:
+            raise CosmosError("disk full (simulated)")
+        return render(job)
+
+    monkeypatch.setattr(synth_module, "_render", failing)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    for out, overwrite in ((tmp_path / "new", False), (busy, True)):
+        with pytest.raises(CosmosError, match="disk full"):
+            write_synth(out, n=5, size=48, n_eval=3, maxcount=2, workers=1, overwrite=overwrite)
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
+    monkeypatch.setattr(synth_module, "_render", render)
+    write_synth(tmp_path / "new", n=5, size=48, n_eval=3, maxcount=2, workers=1)  # the rerun is not refused
+    assert (tmp_path / "new" / "synth.json").is_file()
+
+
+def test_default_worker_count_follows_the_cpu_affinity(tmp_path, monkeypatch):
+    monkeypatch.setattr(synth_module.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(synth_module.os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    assert default_workers() == 3
+    used = []
+    rendered = synth_module._rendered
+    monkeypatch.setattr(synth_module, "_rendered", lambda jobs, workers: used.append(workers) or rendered(jobs, 1))
+    write_synth(tmp_path / "a", n=2, size=48, n_eval=0)
+    write_synth(tmp_path / "b", n=2, size=48, n_eval=0, workers=0)
+    write_synth(tmp_path / "c", n=2, size=48, n_eval=0, workers=2)
+    assert used == [3, 3, 2]
+    monkeypatch.delattr(synth_module.os, "sched_getaffinity")  # platforms without it (macOS, Windows)
+    assert default_workers() == 64
+
+
+def test_no_eval_sets_when_n_eval_is_zero(tmp_path):
+    result = synth(tmp_path / "d", 0, "--n-eval", "0", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["synth.json", "train"]
+    settings = json.loads((tmp_path / "d" / "synth.json").read_text())
+    assert settings["n_eval"] == 0 and settings["streams"] == ["train"]
 
 
 def test_jpeg_and_masks_options(tmp_path):

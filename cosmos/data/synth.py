@@ -5,7 +5,8 @@ A scene is a textured background and 1 to 4 non-overlapping objects. Each object
 own grid cell, so objects never overlap and every caption's position word is true of the whole object.
 
 Captions imitate re-captioned web data (one list of sentences per field, as the shard format wants):
-- `raw`: alt-text that names only the largest object ("red star icon");
+- `raw`: alt-text that names only the largest object ("red star icon"): a large one when the scene has one
+  (the size its other captions state), the one with the most pixels among those;
 - `short`: one sentence about the scene;
 - `long`: one sentence per object plus a scene sentence, shuffled, from several templates and synonyms.
 
@@ -13,9 +14,10 @@ Ground truth: two index masks per scene, shape class and colour class (0 = backg
 polygons as the image, so each mask pixel is exactly an object pixel of that class.
 
 `write_synth` writes training shards and the evaluation sets (classification by shape and by colour, retrieval
-with long captions, segmentation by shape and by colour) with a process pool. Every sample draws from its own
-generator, seeded by (seed, stream, index), so the output is byte-identical for a seed whatever the worker count,
-and the evaluation streams never share scenes with the training stream.
+with long captions, segmentation by shape and by colour; none when n_eval is 0) with a process pool. Every sample
+draws from its own generator, seeded by (seed, stream, index), so the output is byte-identical for a seed whatever
+the worker count, and the evaluation streams never share scenes with the training stream. All options are checked
+before anything is written, and a run that fails part-way removes what it wrote, so it can simply be rerun.
 """
 from __future__ import annotations
 
@@ -273,15 +275,16 @@ SHORT_TEMPLATES_MANY = ("{Count} {objects} on a {texture} {background} backgroun
                         "A {background} image with {count} {objects}", "{Count} colourful {objects} on {background}")
 
 
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
+_A_BEFORE_VOWEL = re.compile(r"\b([Aa]) (?=[aeiouAEIOU])")
 
 
-_A_BEFORE_VOWEL = re.compile(r"\b([Aa]) (?=[aeiou])")
+def _articles(text: str) -> str:
+    """The one a/an rule: "a" before a vowel becomes "an" ("a orange star" -> "an orange star")."""
+    return _A_BEFORE_VOWEL.sub(lambda m: m.group(1) + "n ", text)
 
 
 def _object_phrase(obj: SceneObject) -> str:
-    return f"{_article(obj.colour)} {obj.colour} {obj.shape}"
+    return f"a {obj.colour} {obj.shape}"  # _fill fixes the article
 
 
 def _where(position: str, rng: random.Random) -> str:
@@ -297,18 +300,20 @@ def _capitalize(text: str) -> str:
 def _fill(template: str, **words: str) -> str:
     """Fill `template` ("{Where}" takes the capitalized word), fix "a" before a vowel, capitalize the start."""
     words.update({_capitalize(k): _capitalize(v) for k, v in list(words.items())})
-    text = _A_BEFORE_VOWEL.sub(lambda m: m.group(1) + "n ", template.format(**words))
-    return _capitalize(text)
+    return _capitalize(_articles(template.format(**words)))
 
 
 def make_captions(rng: random.Random, scene: Scene) -> dict[str, list[str]]:
     """The three caption fields of `scene`, each a list of sentences without a final period."""
-    largest = max(scene.objects, key=lambda o: o.area)
-    raw = rng.choice(RAW_TEMPLATES).format(colour=largest.colour, shape=largest.shape, size=largest.size)
+    # The alt-text's object: a large one when there is one (a small circle can outnumber a large star in pixels,
+    # and the other captions call the star large), then the most pixels.
+    largest = max(scene.objects, key=lambda o: (o.size == "large", o.area))
+    raw = _articles(rng.choice(RAW_TEMPLATES).format(colour=largest.colour, shape=largest.shape, size=largest.size))
 
     count = len(scene.objects)
     scene_words = {"texture": rng.choice(TEXTURE_WORDS[scene.texture]), "background": scene.background,
-                   "count": NUMBER_WORDS[count], "objects": rng.choice(("shape", "object")) + ("s" if count > 1 else ""),
+                   "count": NUMBER_WORDS[count],
+                   "objects": rng.choice(("shape", "object")) + ("s" if count > 1 else ""),
                    "appear": "appear" if count > 1 else "appears"}
     if count <= 2:
         listing = " and ".join(_object_phrase(o) for o in scene.objects)
@@ -405,18 +410,59 @@ def _rendered(jobs: Iterable[_Job], workers: int) -> Iterator[tuple[str, int, di
         yield from pool.imap(_render, jobs, chunksize=64)
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+def default_workers() -> int:
+    """One worker per CPU core this process may run on (its affinity mask, e.g. under taskset or a container's
+    CPU set), else per core of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def _check_options(n: int, seed: int, size: int, n_eval: int, image_format: str, maxcount: int,
+                   workers: int | None) -> None:
+    """Refuse a bad option before anything touches the disk (a half-written --out would block the rerun)."""
+    for option, value, low in (("--n", n, 1), ("--n-eval", n_eval, 0), ("--size", size, MIN_SIZE),
+                               ("--maxcount", maxcount, 1), ("--seed", seed, None), ("--workers", workers, 0)):
+        if option == "--workers" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CosmosError(f"{option} {value!r}: must be an integer")
+        if low is not None and value < low:
+            raise CosmosError({
+                "--n": f"--n {n}: the training set needs at least 1 scene",
+                "--n-eval": f"--n-eval {n_eval}: must be >= 0 (0 writes no evaluation sets)",
+                "--size": f"--size {size}: scenes need at least {MIN_SIZE} px",
+                "--maxcount": f"--maxcount {maxcount}: each shard needs room for at least 1 sample",
+                "--workers": f"--workers {workers}: must be >= 0 (0 = one per CPU core)",
+            }[option])
+    if image_format not in FORMATS:
+        raise CosmosError(f"image format {image_format!r} is not supported; use one of {', '.join(FORMATS)}")
+
+
+OUTPUTS = ("train", "eval", "synth.json")  # what write_synth writes in --out, and all that --overwrite replaces
+
+
+def _remove_outputs(out_dir: Path) -> None:
+    for name in OUTPUTS:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> bool:
+    """Make `out_dir` ready to write; True when it had to be created."""
     if out_dir.exists() and not out_dir.is_dir():
         raise CosmosError(f"{out_dir}: exists and is not a directory; choose another --out")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
             raise CosmosError(f"{out_dir}: directory is not empty; pass --overwrite to replace its synthetic data "
                               "or choose an empty --out")
-        for name in ("train", "eval"):
-            if (out_dir / name).is_dir():
-                shutil.rmtree(out_dir / name)
-        (out_dir / "synth.json").unlink(missing_ok=True)
+        _remove_outputs(out_dir)
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    return created
 
 
 def _write_segment_set(folder: Path, classes: list[str]) -> None:
@@ -429,44 +475,50 @@ def write_synth(out_dir: str | Path, n: int, seed: int = 0, size: int = 128, n_e
                 overwrite: bool = False, image_format: str = "png", masks: bool = False, maxcount: int = 1000,
                 workers: int | None = None, progress: Callable[[int], None] | None = None) -> dict:
     """Write `n` training scenes as shards under out_dir/train and `n_eval` scenes per evaluation set under
-    out_dir/eval; return the settings written to out_dir/synth.json.
+    out_dir/eval (no out_dir/eval when n_eval is 0); return the settings written to out_dir/synth.json.
 
     `image_format` is the training images' format (eval images are always PNG); `masks` adds each training
-    scene's masks as KEY.shape.png / KEY.colour.png members; `progress(k)` is called as k more samples are done.
+    scene's masks as KEY.shape.png / KEY.colour.png members; `workers` processes render (None or 0: one per CPU
+    core available, `default_workers()`); `progress(k)` is called as k more samples are done. Options are checked
+    before anything is written; if writing fails part-way, what was written is removed again.
     """
-    if n < 1:
-        raise CosmosError(f"--n {n}: the training set needs at least 1 scene")
-    if n_eval < 0:
-        raise CosmosError(f"--n-eval {n_eval}: must be >= 0")
-    if size < MIN_SIZE:
-        raise CosmosError(f"--size {size}: scenes need at least {MIN_SIZE} px")
-    if image_format not in FORMATS:
-        raise CosmosError(f"image format {image_format!r} is not supported; use one of {', '.join(FORMATS)}")
+    _check_options(n, seed, size, n_eval, image_format, maxcount, workers)
     out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir, overwrite)
-    workers = max(1, os.cpu_count() or 1) if workers is None else max(1, int(workers))
-    progress = progress or (lambda k: None)
+    created = _prepare_out_dir(out_dir, overwrite)
+    try:
+        return _write(out_dir, n, seed, size, n_eval, image_format, masks, maxcount,
+                      workers or default_workers(), progress or (lambda k: None))
+    except BaseException:
+        _remove_outputs(out_dir)
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
 
+
+def _write(out_dir: Path, n: int, seed: int, size: int, n_eval: int, image_format: str, masks: bool,
+           maxcount: int, workers: int, progress: Callable[[int], None]) -> dict:
+    eval_sets = EVAL_SETS if n_eval > 0 else ()
     settings = {
         "generator": "cosmos synth", "version": 1, "seed": seed, "n": n, "n_eval": n_eval, "size": size,
         "image_format": image_format, "train_masks": masks, "maxcount": maxcount,
         "shapes": list(SHAPES), "colours": list(COLOURS), "sizes": list(SIZES), "positions": list(POSITIONS),
         "backgrounds": list(BACKGROUNDS), "textures": list(TEXTURES), "max_objects": MAX_OBJECTS,
-        "sample_rng": "random.Random('cosmos-synth/{seed}/{stream}/{index}')", "streams": ["train", *EVAL_SETS],
+        "sample_rng": "random.Random('cosmos-synth/{seed}/{stream}/{index}')", "streams": ["train", *eval_sets],
     }
 
     # Training scenes, then each eval set's: rendered in parallel, received in this order whatever the worker
     # count, so shard contents and file bytes depend on the seed only.
     jobs = itertools.chain((_Job("train", i, seed, size, image_format, masks) for i in range(n)),
-                           (_Job(stream, i, seed, size) for stream in EVAL_SETS for i in range(n_eval)))
+                           (_Job(stream, i, seed, size) for stream in eval_sets for i in range(n_eval)))
     eval_dir = out_dir / "eval"
-    _write_segment_set(eval_dir / "segment_shape", list(SHAPES))
-    _write_segment_set(eval_dir / "segment_colour", list(COLOURS))
-    (eval_dir / "retrieval" / "images").mkdir(parents=True, exist_ok=True)
-    for name in SHAPES:
-        (eval_dir / "classify_shape" / name).mkdir(parents=True, exist_ok=True)
-    for name in COLOURS:
-        (eval_dir / "classify_colour" / name).mkdir(parents=True, exist_ok=True)
+    if eval_sets:
+        _write_segment_set(eval_dir / "segment_shape", list(SHAPES))
+        _write_segment_set(eval_dir / "segment_colour", list(COLOURS))
+        (eval_dir / "retrieval" / "images").mkdir(parents=True, exist_ok=True)
+        for name in SHAPES:
+            (eval_dir / "classify_shape" / name).mkdir(parents=True, exist_ok=True)
+        for name in COLOURS:
+            (eval_dir / "classify_colour" / name).mkdir(parents=True, exist_ok=True)
     retrieval = {"images": [], "annotations": []}
 
     with ShardWriter(out_dir / "train", maxcount=maxcount) as writer:
@@ -490,7 +542,8 @@ def write_synth(out_dir: str | Path, n: int, seed: int = 0, size: int = 128, n_e
         sizes = writer.close()
     write_manifest(out_dir / "train", {"source": "cosmos synth", "samples": n, "shards": sizes,
                                        "checksums": writer.checksums, "settings": settings})
-    atomic_write_bytes(eval_dir / "retrieval" / "captions.json",
-                       (json.dumps(retrieval, indent=1) + "\n").encode("utf-8"))
+    if eval_sets:
+        atomic_write_bytes(eval_dir / "retrieval" / "captions.json",
+                           (json.dumps(retrieval, indent=1) + "\n").encode("utf-8"))
     atomic_write_bytes(out_dir / "synth.json", (json.dumps(settings, indent=2) + "\n").encode("utf-8"))
     return settings

@@ -3,17 +3,20 @@
 COSMOS trains on several views of every image-text pair:
 
 - Image views, DINO's multi-crop recipe: 2 global crops (RandomResizedCrop, scale 0.4-1.0, bicubic) and 6 local
-  crops (scale 0.05-0.4). Every crop is flipped (p 0.5), colour-jittered (0.4, 0.4, 0.2, 0.1 with p 0.8) and
-  greyed (p 0.2); global #1 is always blurred, global #2 is blurred with p 0.1 and solarized with p 0.2, locals are
-  blurred with p 0.5; then CLIP mean/std normalization. Order: [g1, g2, l1 .. l6].
-- Text views: a sample's captions are pre-split sentences pooled into one list (`sentence_pool`). Each of the 2
-  global text crops joins n ~ Uniform{1..5} distinct sentences in random order with ". "; each of the 6 local text
-  crops is one sentence (distinct, the pool repeated when it is too small). The tokenizer truncates a long crop
-  and forces end-of-text at the last position.
+  crops (scale 0.05-0.4). Every crop is flipped (p `hflip_p`, 0.5), colour-jittered (0.4, 0.4, 0.2, 0.1 with
+  p 0.8, the four ops in a random order) and greyed (p 0.2); global #1 is always blurred, global #2 is blurred with
+  p 0.1 and solarized (threshold 128) with p 0.2, locals are blurred with p 0.5; then CLIP mean/std normalization.
+  Order: [g1, g2, l1 .. l6].
+- Text views: a sample's captions (a dict of caption fields, each a list of pre-split sentences) are pooled into
+  one list of sentences (`sentence_pool`). Each of the 2 global text crops joins n ~ Uniform{1..5} distinct
+  sentences in random order with ". "; each of the 6 local text crops is one sentence (distinct, the pool
+  repeated when it is too small). The tokenizer truncates a long crop and forces end-of-text at the last position.
 - Image and text crops are sampled independently (no region correspondence).
 
-`mode="clip"` gives the plain CLIP baseline: one OpenCLIP-style training crop (RandomResizedCrop scale 0.9-1.0,
-no other augmentation) and one caption (a sentence of the pool).
+`mode="clip"` gives the plain CLIP baseline, one image view and one caption: one OpenCLIP-style training crop
+(RandomResizedCrop scale 0.9-1.0, no other augmentation) and, by `clip_text`, one caption FIELD of the sample
+(its sentences joined with ". "; "caption": a random field, "raw": the `raw` alt-text field only) or one sentence
+of the pool ("sentence": the text-crop baseline). CLIP mode fixes the view counts to 1 / 0 / 1 / 0.
 
 Randomness is explicit: every random choice comes from one `random.Random` per call, so views are reproducible
 from a seed and never touch the global torch RNG. The image ops are PIL operations with the sampled parameters
@@ -25,13 +28,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 import random
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
+from torch.utils.data import get_worker_info
 from torchvision.transforms import functional as TF
 
 from ..errors import CosmosError
@@ -39,19 +44,31 @@ from ..transforms import CLIP_MEAN, CLIP_STD
 from .shards import validate_captions
 
 MODES = ("cosmos", "clip")
+CLIP_TEXTS = ("caption", "raw", "sentence")
 
 # Fixed order in which caption fields are pooled; fields not listed follow in sorted order.
 FIELD_ORDER = ("raw", "short", "long")
+
+# What the transform accepts as a sample's text: the captions dict, or a list of sentences (one pooled field).
+Captions = Union[dict, Sequence[str]]
+LIST_FIELD = "sentences"  # the field name a plain list of sentences takes
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------------------------
 
+# CLIP mode: one image view, one caption, no local views.
+CLIP_COUNTS = {"n_global": 1, "n_local": 0, "n_global_text": 1, "n_local_text": 0}
+
 
 @dataclass
 class ViewConfig:
-    """How many views of which size; the defaults are the paper's ViT-B/16 recipe."""
+    """How many views of which size; the defaults are the paper's ViT-B/16 recipe.
+
+    mode="clip" fixes n_global, n_local, n_global_text, n_local_text to 1, 0, 1, 0; a count set to anything but
+    its cosmos default or that value is refused (it would be silently ignored).
+    """
 
     global_size: int = 224
     local_size: int = 96
@@ -66,34 +83,77 @@ class ViewConfig:
     mode: str = "cosmos"
     # CLIP mode: OpenCLIP's training crop (its default aug scale), no flip / jitter / blur.
     clip_scale: tuple[float, float] = (0.9, 1.0)
+    # CLIP mode's caption: "caption" (a random caption field), "raw" (the raw field only), "sentence" (one sentence).
+    clip_text: str = "caption"
     # Gaussian blur sigma range in output pixels (DINO's PIL radius 0.1-2.0).
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    # Horizontal flip probability of every cosmos-mode crop; 0 keeps "left" / "right" in captions true.
+    hflip_p: float = 0.5
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise CosmosError(f"view mode {self.mode!r} is unknown; use one of {', '.join(MODES)}")
-        if self.mode == "clip":  # the CLIP baseline: one image view, one caption
-            self.n_global, self.n_local, self.n_global_text, self.n_local_text = 1, 0, 1, 0
+        if self.clip_text not in CLIP_TEXTS:
+            raise CosmosError(f"view config: clip_text={self.clip_text!r} is unknown; use one of "
+                              f"{', '.join(CLIP_TEXTS)}")
         for name in ("global_size", "local_size", "context_length", "max_global_sentences"):
-            if int(getattr(self, name)) < 1:
+            if _integer(self, name) < 1:
                 raise CosmosError(f"view config: {name}={getattr(self, name)!r} must be a positive integer")
         for name in ("n_global", "n_local", "n_global_text", "n_local_text"):
-            if int(getattr(self, name)) < 0:
-                raise CosmosError(f"view config: {name}={getattr(self, name)!r} must be >= 0")
+            if _integer(self, name) < 0:
+                raise CosmosError(f"view config: {name}={getattr(self, name)!r} must be an integer >= 0")
+        if self.mode == "clip":  # the CLIP baseline: one image view, one caption
+            defaults = {f.name: f.default for f in fields(self)}
+            for name, fixed in CLIP_COUNTS.items():
+                if getattr(self, name) not in (fixed, defaults[name]):
+                    raise CosmosError(
+                        f"view config: mode='clip' uses one image view and one caption ({name}={fixed}), but "
+                        f"{name}={getattr(self, name)} was set; leave {name} unset or use mode='cosmos'")
+                setattr(self, name, fixed)
         for name in ("global_scale", "local_scale", "clip_scale"):
-            lo, hi = getattr(self, name)
+            lo, hi = _pair(self, name)
             if not 0.0 < lo <= hi <= 1.0:
                 raise CosmosError(f"view config: {name}=({lo}, {hi}) must satisfy 0 < low <= high <= 1")
-            setattr(self, name, (float(lo), float(hi)))
-        self.blur_sigma = (float(self.blur_sigma[0]), float(self.blur_sigma[1]))
+        lo, hi = _pair(self, "blur_sigma")
+        if not 0.0 < lo <= hi:
+            raise CosmosError(f"view config: blur_sigma=({lo}, {hi}) must satisfy 0 < low <= high (pixels)")
+        p = self.hflip_p
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
+            raise CosmosError(f"view config: hflip_p={p!r} must be a probability between 0 and 1")
+        self.hflip_p = float(p)
 
     @classmethod
-    def tiny(cls, mode: str = "cosmos", context_length: int = 77) -> "ViewConfig":
+    def tiny(cls, mode: str = "cosmos", context_length: int = 77, **overrides) -> "ViewConfig":
         """The CPU-sized recipe for the tiny model and the synthetic scenes: 64 px global, 32 px local crops.
 
-        The blur range shrinks with the crops so a 32 px local crop is not wiped out.
+        The blur range shrinks with the crops so a 32 px local crop is not wiped out. `overrides` set any other
+        field (e.g. hflip_p=0.0, clip_text="raw").
         """
-        return cls(global_size=64, local_size=32, blur_sigma=(0.1, 0.6), mode=mode, context_length=context_length)
+        settings = dict(global_size=64, local_size=32, blur_sigma=(0.1, 0.6))
+        settings.update(overrides)
+        return cls(mode=mode, context_length=context_length, **settings)
+
+
+def _integer(cfg: ViewConfig, name: str) -> int:
+    """The field `name` as an int; a float, bool or string is refused (2.0 crops is a typo, not a count)."""
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise CosmosError(f"view config: {name}={value!r} must be an integer, not a {type(value).__name__}")
+    setattr(cfg, name, int(value))
+    return int(value)
+
+
+def _pair(cfg: ViewConfig, name: str) -> tuple[float, float]:
+    """The field `name` as a (low, high) pair of floats, stored back as a tuple."""
+    value = getattr(cfg, name)
+    try:
+        lo, hi = value
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in (lo, hi)):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise CosmosError(f"view config: {name}={value!r} must be a pair of numbers (low, high)") from None
+    setattr(cfg, name, (float(lo), float(hi)))
+    return float(lo), float(hi)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,27 +161,57 @@ class ViewConfig:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def sentence_pool(captions: dict[str, list[str]], where: str = "sample") -> list[str]:
-    """All caption fields' sentences in one list, fields in a fixed order ("raw", "short", "long", then the rest
-    sorted). The captions are checked by the shard format's rule first (`validate_captions`): a field that is a
-    plain string instead of a list of sentences is refused, since sampling from it would pick characters and
-    training silently collapses."""
+def caption_fields(captions: Captions, where: str = "sample") -> dict[str, list[str]]:
+    """A sample's captions as {field: [sentence, ...]} in the fixed field order ("raw", "short", "long", then the
+    rest sorted), sentences stripped. A plain list of sentences is one field, named "sentences".
+
+    The captions are checked by the shard format's rule first (`validate_captions`): a field that is a plain string
+    instead of a list of sentences is refused, since sampling from it would pick characters and training silently
+    collapses."""
+    if isinstance(captions, (list, tuple)):
+        captions = {LIST_FIELD: list(captions)}
     captions = validate_captions(captions, where)
-    fields = [f for f in FIELD_ORDER if f in captions] + sorted(f for f in captions if f not in FIELD_ORDER)
-    return [sentence.strip() for field in fields for sentence in captions[field]]
+    order = [f for f in FIELD_ORDER if f in captions] + sorted(f for f in captions if f not in FIELD_ORDER)
+    return {f: [sentence.strip() for sentence in captions[f]] for f in order}
 
 
-def text_crops(sentences: Sequence[str], cfg: ViewConfig, rng: random.Random) -> tuple[list[str], list[str]]:
+def sentence_pool(captions: Captions, where: str = "sample") -> list[str]:
+    """All caption fields' sentences in one list, fields in the fixed order of `caption_fields` (which validates)."""
+    return [sentence for sentences in caption_fields(captions, where).values() for sentence in sentences]
+
+
+def clip_caption(captions: Captions, cfg: ViewConfig, rng: random.Random, where: str = "sample") -> str:
+    """CLIP mode's one caption, by `cfg.clip_text`:
+    "caption": a random non-empty field of the sample, its sentences joined with ". ";
+    "raw": the `raw` field (the alt-text), joined the same way; refused when the sample has none;
+    "sentence": one sentence of the pool (a one-sentence text crop)."""
+    by_field = caption_fields(captions, where)
+    if cfg.clip_text == "sentence":
+        pool = [sentence for sentences in by_field.values() for sentence in sentences]
+        return pool[rng.randrange(len(pool))]
+    if cfg.clip_text == "raw":
+        if not by_field.get("raw"):
+            given = "a plain list of sentences" if isinstance(captions, (list, tuple)) else \
+                f"fields {', '.join(by_field)}"
+            raise CosmosError(f"{where}: clip_text='raw' needs a non-empty 'raw' caption field, got {given}; "
+                              "use clip_text='caption' or data whose captions have a 'raw' field")
+        return ". ".join(by_field["raw"])
+    non_empty = [f for f, sentences in by_field.items() if sentences]
+    return ". ".join(by_field[non_empty[rng.randrange(len(non_empty))]])
+
+
+def text_crops(captions: Captions, cfg: ViewConfig, rng: random.Random,
+               where: str = "sample") -> tuple[list[str], list[str]]:
     """Sample the text views of one sample as strings: (global crops, local crops).
 
+    `captions`: the captions dict, or a list of sentences (one pooled field).
     Global crop: n ~ Uniform{1 .. min(max_global_sentences, pool size)} distinct sentences, random order, ". ".
     Local crops: one sentence each, distinct; the pool is repeated (reshuffled) when it holds fewer sentences.
-    CLIP mode: one sentence of the pool.
+    CLIP mode: one caption (`clip_caption`), no local crops.
     """
-    if len(sentences) == 0:
-        raise CosmosError("the sample has no caption sentences to crop; every sample needs at least one sentence")
     if cfg.mode == "clip":
-        return [sentences[rng.randrange(len(sentences))]], []
+        return [clip_caption(captions, cfg, rng, where)], []
+    sentences = sentence_pool(captions, where)
     global_crops = []
     for _ in range(cfg.n_global_text):
         n = rng.randint(1, min(cfg.max_global_sentences, len(sentences)))
@@ -187,9 +277,10 @@ def color_jitter(image: Image.Image, rng: random.Random, brightness: float = 0.4
 
 
 def augment_crop(image: Image.Image, rng: random.Random, blur_p: float, solarize_p: float,
-                 blur_sigma: tuple[float, float]) -> Image.Image:
-    """DINO's per-crop chain: flip 0.5, jitter 0.8, grayscale 0.2, blur `blur_p`, solarize `solarize_p`."""
-    if rng.random() < 0.5:
+                 blur_sigma: tuple[float, float], flip_p: float = 0.5) -> Image.Image:
+    """DINO's per-crop chain: flip `flip_p`, jitter 0.8, grayscale 0.2, blur `blur_p`, solarize `solarize_p`
+    (pixels >= 128 inverted). One draw per decision, whatever the probabilities."""
+    if rng.random() < flip_p:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     if rng.random() < 0.8:
         image = color_jitter(image, rng)
@@ -220,14 +311,22 @@ def to_normalized_tensor(crops: list[Image.Image], size: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class MultiViewTransform:
-    """(image, sentences) -> {"global_crops", "local_crops", "global_text", "local_text"} for one sample.
+def _hashed_rng(text: str) -> random.Random:
+    """A generator seeded from `text` by SHA-256 (stable across processes and Python runs)."""
+    return random.Random(int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little"))
 
+
+class MultiViewTransform:
+    """(image, captions) -> {"global_crops", "local_crops", "global_text", "local_text"} for one sample.
+
+    captions: the sample's captions dict ({field: [sentence, ...]}), or a list of sentences (one pooled field).
     tokenizer: callable `tokenizer(list[str], context_length=...) -> LongTensor [N, ctx]` (cosmos.tokenizer).
     seed: makes views reproducible. Pass `key=` (the sample key) to draw from a generator derived from
-    (seed, epoch, key), which is independent of worker count and order (use this in DataLoader workers);
-    without a key the transform advances its own seeded generator, a copy of which every worker would repeat. Without a seed (and no `rng`), each call draws a fresh generator from Python's
-    global `random`, which PyTorch reseeds in every DataLoader worker.
+    (seed, epoch, key), which is independent of worker count and order (use this in DataLoader workers).
+    Without a key the transform advances its own seeded stream of generators; inside a DataLoader worker that
+    stream is derived from (seed, epoch, worker id), so workers do not repeat each other's views (the order in
+    which samples reach a worker then decides their views). Without a seed (and no `rng`), each call draws a fresh
+    generator from Python's global `random`, which PyTorch reseeds in every DataLoader worker.
     """
 
     def __init__(self, cfg: ViewConfig, tokenizer: Callable[..., torch.Tensor], seed: int | None = None) -> None:
@@ -236,6 +335,7 @@ class MultiViewTransform:
         self.seed = seed
         self.epoch = 0
         self._stream = random.Random(seed) if seed is not None else None
+        self._stream_owner: tuple[int, int] | None = None  # (worker id, epoch) of a worker's stream
 
     def set_epoch(self, epoch: int) -> None:
         """Different (still reproducible) keyed views in every epoch."""
@@ -243,17 +343,24 @@ class MultiViewTransform:
 
     def rng_for(self, key: str) -> random.Random:
         """The generator for sample `key` under this transform's seed and epoch."""
-        digest = hashlib.sha256(f"{self.seed}/{self.epoch}/{key}".encode()).digest()
-        return random.Random(int.from_bytes(digest[:8], "little"))
+        return _hashed_rng(f"{self.seed}/{self.epoch}/{key}")
 
     def _rng(self, rng: random.Random | None, key: str | None) -> random.Random:
         if rng is not None:
             return rng
-        if self.seed is not None:
-            return self.rng_for(key) if key is not None else random.Random(self._stream.getrandbits(64))
-        return random.Random(random.getrandbits(64))
+        if self.seed is None:
+            return random.Random(random.getrandbits(64))
+        if key is not None:
+            return self.rng_for(key)
+        worker = get_worker_info()
+        if worker is not None and self._stream_owner != (worker.id, self.epoch):
+            # Every worker holds a copy of this object: give each its own stream (and a new one per epoch, since
+            # non-persistent workers start again from a fresh copy).
+            self._stream = _hashed_rng(f"{self.seed}/{self.epoch}/worker-{worker.id}/stream")
+            self._stream_owner = (worker.id, self.epoch)
+        return random.Random(self._stream.getrandbits(64))
 
-    def __call__(self, image: Image.Image, sentences: list[str], rng: random.Random | None = None,
+    def __call__(self, image: Image.Image, captions: Captions, rng: random.Random | None = None,
                  key: str | None = None) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         rng = self._rng(rng, key)
@@ -269,13 +376,14 @@ class MultiViewTransform:
             for i in range(cfg.n_global):
                 crop = resized_crop(image, crop_box(width, height, cfg.global_scale, rng), cfg.global_size)
                 blur_p, solarize_p = (1.0, 0.0) if i == 0 else (0.1, 0.2)
-                global_crops.append(augment_crop(crop, rng, blur_p, solarize_p, cfg.blur_sigma))
+                global_crops.append(augment_crop(crop, rng, blur_p, solarize_p, cfg.blur_sigma, cfg.hflip_p))
             for _ in range(cfg.n_local):
                 crop = resized_crop(image, crop_box(width, height, cfg.local_scale, rng), cfg.local_size)
-                local_crops.append(augment_crop(crop, rng, 0.5, 0.0, cfg.blur_sigma))
+                local_crops.append(augment_crop(crop, rng, 0.5, 0.0, cfg.blur_sigma, cfg.hflip_p))
 
         # Text views, sampled independently of the image crops.
-        global_text, local_text = text_crops(sentences, cfg, rng)
+        where = f"sample {key!r}" if key is not None else "sample"
+        global_text, local_text = text_crops(captions, cfg, rng, where)
         return {
             "global_crops": to_normalized_tensor(global_crops, cfg.global_size),  # [n_global, 3, G, G]
             "local_crops": to_normalized_tensor(local_crops, cfg.local_size),  # [n_local, 3, L, L]
