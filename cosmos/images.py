@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import CosmosError
+from .errors import CosmosError, ImageDecodeError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -44,18 +44,19 @@ def open_image(path: str | Path) -> Image.Image:
 
 
 def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image:
-    """Decode image bytes to RGB; CosmosError (naming `name`) for empty, truncated, bomb or non-image data."""
+    """Decode image bytes to RGB; ImageDecodeError (a CosmosError naming `name`, with a `kind`) for empty,
+    non-image, decompression-bomb, or truncated/corrupt data."""
     if not data:
-        raise CosmosError(f"{name}: empty file (0 bytes), not an image")
+        raise ImageDecodeError(f"{name}: empty file (0 bytes), not an image", "empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             image.load()
+            return to_rgb(image)  # inside the try: a damaged EXIF block or palette fails here
     except UnidentifiedImageError:
-        raise CosmosError(f"{name}: not an image (unknown format)") from None
+        raise ImageDecodeError(f"{name}: not an image (unknown format)", "not-image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise CosmosError(f"{name}: image too large, refused as a decompression bomb ({e})") from None
+        raise ImageDecodeError(f"{name}: image too large, refused as a decompression bomb ({e})", "bomb") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise CosmosError(f"{name}: corrupt or truncated image ({e})") from None
-    return to_rgb(image)
+        raise ImageDecodeError(f"{name}: corrupt or truncated image ({e})", "corrupt") from None

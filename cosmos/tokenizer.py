@@ -20,7 +20,7 @@ Speed without changing a single id:
   the whitespace is collapsed right after; tests check this premise against ftfy.
 - Cleaned ASCII text is split with an ASCII-only pattern of the standard `re` module, equivalent on such input.
 - A word cache maps a pre-token straight to its ids. It is bounded (OpenCLIP's grows forever): when full, the
-  oldest quarter of the entries is dropped.
+  oldest quarter of the entries is dropped (safe when threads share one tokenizer: no lock, no lost ids).
 - The output tensor of a batch is filled once, with numpy, from one flat list of ids.
 """
 from __future__ import annotations
@@ -87,9 +87,14 @@ _SPLIT = regex.compile(
 _SPLIT_ASCII = re.compile(rf"{SOT}|{EOT}|'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+")
 
 
+def _split_pattern(cleaned: str) -> re.Pattern[str] | regex.Pattern[str]:
+    """The pre-tokenization pattern for `cleaned`: the fast ASCII one when it applies, else the general one."""
+    return _SPLIT_ASCII if cleaned.isascii() else _SPLIT
+
+
 def pretokenize(cleaned: str) -> list[str]:
     """Split cleaned text into the words BPE runs on."""
-    return (_SPLIT_ASCII if cleaned.isascii() else _SPLIT).findall(cleaned)
+    return _split_pattern(cleaned).findall(cleaned)
 
 
 # --- 3. Bytes to symbols -------------------------------------------------------------------------------------
@@ -260,15 +265,14 @@ class Tokenizer:
         result = tuple(ids)
         cache = self._cache
         if len(cache) >= self.cache_size:  # bounded: drop the oldest quarter
-            for key in list(islice(cache, max(1, self.cache_size // 4))):
-                del cache[key]
+            _evict_oldest(cache, max(1, self.cache_size // 4))
         cache[word] = result
         return result
 
     def _encode_clean(self, text: str) -> list[int]:
         cache_get, bpe = self._cache.get, self._bpe
         ids: list[int] = []
-        for word in (_SPLIT_ASCII if text.isascii() else _SPLIT).findall(text):
+        for word in _split_pattern(text).findall(text):
             hit = cache_get(word)
             ids.extend(hit if hit is not None else bpe(word))
         return ids
@@ -368,6 +372,21 @@ def load_clip_merges(path: Path | str) -> list[str]:
         )
     lines = gzip.decompress(raw).decode("utf-8").split("\n")
     return lines[1 : 1 + CLIP_NUM_MERGES]
+
+
+def _evict_oldest(cache: dict[str, tuple[int, ...]], n: int) -> None:
+    """Drop the `n` oldest entries of the word cache; safe when several threads share one tokenizer.
+
+    Another thread may insert or evict while the keys are listed (the listing then fails: skip this eviction, the
+    next insertion tries again, so the cache overshoots its bound by at most a few entries) or delete a listed key
+    first (pop with a default ignores it). A lookup racing an eviction only misses and recomputes the same ids.
+    """
+    try:
+        stale = list(islice(cache, n))
+    except RuntimeError:  # "dictionary changed size during iteration"
+        return
+    for key in stale:
+        cache.pop(key, None)
 
 
 def _check_context_length(context_length: Any) -> int:

@@ -96,30 +96,47 @@ def test_set_epoch_changes_the_order(tmp_path):
     assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_mid_epoch_yields_exactly_the_rest(tmp_path, num_workers):
-    make_shards(tmp_path, 30, 7)
-    source = str(tmp_path)
-    full = build_loader(source, None, 3, num_workers=num_workers, seed=5, epoch=2, shuffle_buffer=6)
-    full_keys = [s["__key__"] for b in full for s in b]
-
-    first = build_loader(source, None, 3, num_workers=num_workers, seed=5, epoch=2, shuffle_buffer=6)
-    consumed = []
-    for i, batch in enumerate(first):
-        consumed += [s["__key__"] for s in batch]
-        if i == 2:
+def _take(loader, n: int) -> list[list[str]]:
+    """The keys of the first n batches, then stop iterating (an interruption)."""
+    out = []
+    for i, batch in enumerate(loader):
+        out.append([s["__key__"] for s in batch])
+        if i + 1 == n:
             break
-    state = json.loads(json.dumps(first.state_dict()))  # must survive a checkpoint round trip
-    resumed = build_loader(source, None, 3, num_workers=num_workers, seed=5, epoch=2, shuffle_buffer=6,
-                           resume=state)
-    rest = [s["__key__"] for b in resumed for s in b]
-    assert len(consumed) == 9
-    assert Counter(consumed + rest) == Counter(full_keys)
-    if num_workers == 0:  # one stream: the very same order
-        assert consumed + rest == full_keys
+    return out
+
+
+def _batches(loader) -> list[list[str]]:
+    return [[s["__key__"] for s in batch] for batch in loader]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # on a 2-core machine
+@pytest.mark.parametrize("num_workers", [0, 2, 3])
+def test_resume_mid_epoch_yields_exactly_the_rest_in_order(tmp_path, num_workers):
+    make_shards(tmp_path, 30, 7)  # 5 uneven shards: with 2 or 3 workers some workers finish before others
+    source = str(tmp_path)
+
+    def loader(resume=None):
+        return build_loader(source, None, 3, num_workers=num_workers, seed=5, epoch=2, shuffle_buffer=6,
+                            resume=resume)
+
+    full = _batches(loader())
+    assert len(full) >= 10 and sorted(k for b in full for k in b) == sorted(f"{i:09d}" for i in range(30))
+    for stop in (1, 4, len(full) - 2):  # early, mid-epoch, and after a worker has run dry
+        first = loader()
+        consumed = _take(first, stop)
+        state = json.loads(json.dumps(first.state_dict()))  # must survive a checkpoint round trip
+        assert consumed + _batches(loader(state)) == full, stop  # the very same batches, in the same order
+    # Resuming a resumed run: interrupted twice, still the same order.
+    first = loader()
+    part1 = _take(first, 2)
+    second = loader(first.state_dict())
+    part2 = _take(second, 3)
+    assert part1 + part2 + _batches(loader(second.state_dict())) == full
     # A finished epoch's position resumes to nothing.
-    assert list(build_loader(source, None, 3, num_workers=num_workers, seed=5, epoch=2, shuffle_buffer=6,
-                             resume=resumed.state_dict())) == []
+    done = loader()
+    _batches(done)
+    assert _batches(loader(done.state_dict())) == []
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
@@ -131,6 +148,74 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         build_loader(str(tmp_path), None, 2, num_workers=2, seed=0, epoch=3, resume=state)
     with pytest.raises(CosmosError, match="not a ShardLoader.state_dict"):
         build_loader(str(tmp_path), None, 2, resume={"position": 3})
+    with pytest.raises(CosmosError, match="has version 1, this loader reads version 2"):
+        build_loader(str(tmp_path), None, 2, num_workers=2, seed=0, resume={**state, "version": 1})
+
+
+def test_iterating_again_without_set_epoch_replays_the_epoch(tmp_path):
+    make_shards(tmp_path, 20, 6)
+    loader = build_loader(str(tmp_path), None, 3, num_workers=2, seed=1, shuffle_buffer=4)
+    first = _batches(loader)
+    assert sum(map(len, first)) == 20
+    assert _batches(loader) == first  # not an empty second pass
+    # Breaking out continues where it stopped; after the end, the next pass starts over.
+    part = _take(loader, 2)
+    assert part + _batches(loader) == first
+    assert _batches(loader) == first
+
+
+def test_length_and_sample_count_after_a_resume_are_what_remains(tmp_path):
+    make_shards(tmp_path, 23, 5)
+    for num_workers in (0, 2):
+        first = build_loader(str(tmp_path), None, 4, num_workers=num_workers, seed=2)
+        full = len(first)
+        _take(first, 3)
+        resumed = build_loader(str(tmp_path), None, 4, num_workers=num_workers, seed=2, resume=first.state_dict())
+        rest = _batches(resumed)
+        assert len(rest) == full - 3
+        # measured before iterating: a new loader with the same resume position
+        again = build_loader(str(tmp_path), None, 4, num_workers=num_workers, seed=2, resume=first.state_dict())
+        assert len(again) == len(rest) and again.num_samples() == sum(map(len, rest))
+        assert len(first) == full - 3  # the interrupted loader itself, too
+        assert len(resumed) == full  # after a complete pass, the next pass is a whole epoch
+
+
+def _uneven(tmp_path) -> str:
+    """Shards of 5, 5, 5, 5, 3 samples: with 2 ranks x 2 workers, one rank gets more batches."""
+    make_shards(tmp_path, 23, 5)
+    return str(tmp_path)
+
+
+def test_equal_steps_gives_every_rank_the_same_number_of_batches(tmp_path):
+    source = _uneven(tmp_path)
+    default = [build_loader(source, None, 2, num_workers=2, rank=r, world_size=2, seed=0) for r in range(2)]
+    lengths = [len(_batches(d)) for d in default]
+    assert lengths[0] != lengths[1]  # the problem: DDP would wait forever for the shorter rank
+    assert [len(d) for d in default] == lengths
+    steps = default[0].steps_per_epoch()
+    assert steps == default[1].steps_per_epoch() == min(lengths)
+
+    equal = [build_loader(source, None, 2, num_workers=2, rank=r, world_size=2, seed=0, equal_steps=True)
+             for r in range(2)]
+    got = [_batches(e) for e in equal]
+    assert [len(g) for g in got] == [steps, steps] == [len(e) for e in equal]
+    for r in range(2):  # the first `steps` batches of the default order
+        assert got[r] == _batches(default[r])[:steps]
+    # Resumed mid-epoch, a rank still stops at `steps` batches in total.
+    first = build_loader(source, None, 2, num_workers=2, rank=1, world_size=2, seed=0, equal_steps=True)
+    part = _take(first, 2)
+    resumed = build_loader(source, None, 2, num_workers=2, rank=1, world_size=2, seed=0, equal_steps=True,
+                           resume=first.state_dict())
+    assert len(resumed) == steps - 2
+    assert part + _batches(resumed) == got[1]
+
+
+def test_equal_steps_needs_sizes_json(tmp_path):
+    source = _uneven(tmp_path)
+    (tmp_path / "sizes.json").unlink()
+    assert build_loader(source, None, 2).steps_per_epoch() is None
+    with pytest.raises(CosmosError, match="equal_steps needs the sample count of every shard, but .*00000.tar has"):
+        build_loader(source, None, 2, equal_steps=True)
 
 
 def test_length_matches_the_batches(tmp_path):
@@ -188,13 +273,45 @@ def _tokens(texts: list[str], context_length: int = 16) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_string_caption_field_is_rejected_at_load_time(tmp_path, num_workers):
+def test_string_caption_field_is_rejected_at_load_time_in_one_line(tmp_path, num_workers):
     _add_members(tmp_path / "00000.tar", [
         ("a.jpg", jpeg(1)), ("a.json", json.dumps({"captions": {"raw": ["ok"]}}).encode()),
         ("b.jpg", jpeg(2)), ("b.json", json.dumps({"captions": {"long": "A dog. A cat."}}).encode()),
     ])
-    with pytest.raises(CosmosError, match="caption field 'long' is a string, not a list of sentences"):
-        list(build_loader(str(tmp_path), None, 2, num_workers=num_workers))
+    with pytest.raises(CosmosError) as e:
+        list(build_loader(str(tmp_path), None, 2, num_workers=num_workers, drop_last=True))
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / '00000.tar'}: b.json: caption field 'long' is a string, not a list of "
+                              "sentences")
+    assert "\n" not in message and "Traceback" not in message and "worker" not in message
+
+
+class _FailingTransform:
+    """Raises a CosmosError for one key, as a transform refusing a sample would."""
+
+    def __call__(self, image, captions, key=None):
+        if key == "000000004":
+            raise CosmosError(f"sample {key}: this view cannot be made; fix the sample")
+        return {"key": key}
+
+
+def _keys(items: list) -> list:
+    return [item["key"] for item in items]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_error_in_a_worker_transform_or_collate_reaches_the_caller_in_one_line(tmp_path, num_workers):
+    make_shards(tmp_path, 8, 4)
+    with pytest.raises(CosmosError) as e:
+        list(build_loader(str(tmp_path), _FailingTransform(), 2, num_workers=num_workers, collate=_keys))
+    assert str(e.value) == "sample 000000004: this view cannot be made; fix the sample"
+
+    def refusing_collate(items):
+        raise CosmosError("cannot stack these views; use one ViewConfig")
+
+    with pytest.raises(CosmosError) as e:
+        list(build_loader(str(tmp_path), None, 2, num_workers=num_workers, collate=refusing_collate))
+    assert str(e.value) == "cannot stack these views; use one ViewConfig"
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 read-back with the `webdataset` library, and the CLI's one-line errors."""
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import struct
@@ -16,12 +17,14 @@ from typer.testing import CliRunner
 
 from cosmos.data.preprocess import preprocess, split_sentences
 from cosmos.data.shards import expand_sources, iter_samples
-from cosmos.errors import CosmosError
+from cosmos.errors import CosmosError, ImageDecodeError
+from cosmos.images import decode_image
+
+preprocess_module = importlib.import_module("cosmos.data.preprocess")  # the package exports a function of that name
 
 try:
     from cosmos_cli.main import app
 except ImportError:  # not installed yet: the package lives in cli/
-    import importlib
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -225,7 +228,125 @@ def test_tsv_and_jsonl_with_a_non_utf8_row(tmp_path):
     assert captions == [{"caps": ["one", "two", "three"]}, {"caps": ["plain text", "more"]}]
 
 
+def test_tsv_has_no_quoting_and_every_row_is_written_or_skipped(tmp_path):
+    for name in "abcd":
+        (tmp_path / f"{name}.png").write_bytes(encode(gradient(30, 30, seed=ord(name))))
+    rows = ['a.png\tHe said "hi". Then left',        # quotes are ordinary characters in TSV
+            '"b.png\tA "quoted" start',                 # a leading quote must not swallow the next lines
+            "c.png\ttoo\tmany columns",                 # 3 columns: skipped, with the reason
+            "d.png",                                     # 1 column: skipped
+            "d.png\tThe last one"]
+    (tmp_path / "data.tsv").write_text("path\tcap\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    result = preprocess(tmp_path / "data.tsv", tmp_path / "out", image_column="path", caption_columns=["cap"],
+                        workers=1)
+    assert result.total == len(rows) == result.written + len(result.skipped)
+    kinds = [s["kind"] for s in result.skipped]
+    assert kinds == ["missing-file", "bad-row", "bad-row"]  # '"b.png' is not a file: the quote stayed in the path
+    assert '"b.png' in result.skipped[0]["reason"] and "line 4: 3 columns" in result.skipped[1]["reason"]
+    assert "line 5: 1 columns, but the header has 2" in result.skipped[2]["reason"]
+    samples = [s for s in iter_samples(str(tmp_path / "out"))]
+    assert [s["captions"] for s in samples] == [{"cap": ['He said "hi"', "Then left"]}, {"cap": ["The last one"]}]
+    assert [s["__key__"] for s in samples] == ["000000000", "000000004"]  # keys keep the row index
+
+
+def test_malformed_csv_quoting_is_skipped_with_the_lines_it_spans(tmp_path):
+    for i in range(4):
+        (tmp_path / f"{i}.png").write_bytes(encode(gradient(30, 30, seed=i)))
+    rows = ['0.png,"A caption, with a comma and ""quotes"""',
+            '1.png,"multi-line\ncaption"',
+            '2.png,"x"y',                                  # text after a closing quote
+            "3.png,fine"]
+    (tmp_path / "data.csv").write_text("filepath,title\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    result = preprocess(tmp_path / "data.csv", tmp_path / "out", workers=1)
+    assert result.total == 4 == result.written + len(result.skipped)
+    assert [s["kind"] for s in result.skipped] == ["bad-row"]
+    assert "line 5: cannot be read as CSV (',' expected after '\"'); quote a field" in result.skipped[0]["reason"]
+    captions = [s["captions"]["title"] for s in iter_samples(str(tmp_path / "out"))]
+    assert captions == [['A caption, with a comma and "quotes"'], ["multi-line", "caption"], ["fine"]]
+
+
+# --- one bad sample never stops the run ---------------------------------------------------------------------------
+
+
+def test_text_that_is_not_utf8_inside_json_is_skipped(tmp_path):
+    src = tmp_path / "src"
+    make_folder(src, bad=False)
+    (src / "sur.png").write_bytes(encode(gradient(30, 30, seed=5)))
+    (src / "sur.json").write_text('{"captions": {"long": ["caf\\ud800 au lait"]}}', encoding="utf-8")
+    (src / "meta.png").write_bytes(encode(gradient(30, 30, seed=6)))
+    (src / "meta.txt").write_text("fine caption", encoding="utf-8")
+    (src / "meta.json").write_text('{"note": "\\udce9"}', encoding="utf-8")
+    result = preprocess(src, tmp_path / "out", workers=1)
+    assert result.written == len(GOOD)
+    assert sorted((Path(s["source"]).stem, s["kind"]) for s in result.skipped) == [("meta", "caption-not-utf8"),
+                                                                                  ("sur", "caption-not-utf8")]
+    assert all("not valid UTF-8" in s["reason"] for s in result.skipped)
+
+    lines = [json.dumps({"image": "src/sur.png", "caps": "caf\ud800"}),
+             json.dumps({"image": "src/cat.png", "caps": "ok"})]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="ascii")
+    result = preprocess(tmp_path / "data.jsonl", tmp_path / "jsonl", image_column="image", caption_columns=["caps"],
+                        workers=1)
+    assert result.written == 1 and [s["kind"] for s in result.skipped] == ["caption-not-utf8"]
+
+
+def test_an_image_wider_than_jpeg_allows_is_shrunk_to_fit(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (70000, 4), (200, 10, 10)).save(src / "wide.png")
+    (src / "wide.txt").write_text("a very wide red line", encoding="utf-8")
+    result = preprocess(src, tmp_path / "out", workers=1)
+    assert result.written == 1 and result.skipped == []
+    (sample,) = iter_samples(str(tmp_path / "out"))
+    width, height = Image.open(io.BytesIO(sample["image"])).size
+    assert width == 65500 and height == 4
+
+
+def test_an_unexpected_error_in_one_sample_is_recorded_not_fatal(tmp_path, monkeypatch):
+    make_folder(tmp_path / "src", bad=False)
+    real = preprocess_module.read_image
+
+    def flaky(path: str, max_size: int, quality: int) -> bytes:
+        if Path(path).stem == "dog":
+            raise RuntimeError("something nobody foresaw")
+        return real(path, max_size, quality)
+
+    monkeypatch.setattr(preprocess_module, "read_image", flaky)
+    result = preprocess(tmp_path / "src", tmp_path / "out", workers=1)
+    assert result.written == len(GOOD) - 1
+    (skip,) = result.skipped
+    assert skip["kind"] == "error"
+    assert skip["reason"] == f"{tmp_path / 'src' / 'dog.png'}: something nobody foresaw (RuntimeError)"
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["counts"]["skipped_by_kind"] == {"error": 1}
+
+
+def test_decode_errors_carry_a_kind(tmp_path):
+    cases = {"empty": b"", "not-image": b"plain text", "bomb": bomb_png(), "corrupt": truncated_jpeg()}
+    for kind, data in cases.items():
+        with pytest.raises(ImageDecodeError) as e:
+            decode_image(data, name="x.jpg")
+        assert e.value.kind == kind and isinstance(e.value, CosmosError) and str(e.value).startswith("x.jpg: ")
+
+
+def test_a_json_source_field_of_the_user_is_kept(tmp_path):
+    src = tmp_path / "src"
+    make_folder(src, bad=False)
+    (src / "tree.json").write_text(json.dumps({"source": "flickr", "captions": {"short": ["A tree"]}}))
+    preprocess(src, tmp_path / "out", workers=1)
+    sources = sorted(s["meta"]["source"] for s in iter_samples(str(tmp_path / "out")))
+    assert sources == ["bird.png", "cat.png", "dog.png", "flickr"]
+
+
 # --- output folder rules ----------------------------------------------------------------------------------------
+
+
+def test_out_inside_src_is_not_read_as_source(tmp_path):
+    src = tmp_path / "src"
+    make_folder(src, bad=False)
+    first = preprocess(src, src / "shards", workers=1)
+    again = preprocess(src, src / "shards", workers=1, overwrite=True)
+    assert first.total == again.total == len(GOOD) and again.skipped == []
 
 
 def test_non_empty_out_is_refused_unless_overwrite(tmp_path):

@@ -12,10 +12,14 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+import cosmos.data.shards as shards_module
 from cosmos.data.shards import (
+    CaptionContentError,
     ReadStats,
     ShardWriter,
+    atomic_write_bytes,
     expand_sources,
+    iter_members,
     iter_samples,
     iter_shard,
     sample_files,
@@ -76,6 +80,26 @@ def test_validate_captions_rejects_other_malformed_structures(captions, words):
         validate_captions(captions, "here")
 
 
+def test_validate_captions_tells_content_from_structure():
+    """Bad content in one sample is a CaptionContentError (readers skip the sample); wrong types are not."""
+    for captions in ({"raw": ["ok", "  "]}, {"raw": [], "long": []}, {"raw": ["caf\ud800"]}):
+        with pytest.raises(CaptionContentError):
+            validate_captions(captions, "here")
+    for captions in ({"long": "A dog."}, {"raw": 3}, {"raw": ["ok", 5]}, "text"):
+        with pytest.raises(CosmosError) as e:
+            validate_captions(captions, "here")
+        assert not isinstance(e.value, CaptionContentError)
+    with pytest.raises(CaptionContentError, match=r"item 0 is not valid UTF-8 \(it holds a lone surrogate"):
+        validate_captions({"raw": ["caf\ud800"]}, "here")
+
+
+def test_sample_files_refuses_text_that_is_not_utf8_with_a_clear_error():
+    with pytest.raises(CosmosError, match="the raw caption is not valid UTF-8"):
+        sample_files("k", b"IMG", "jpg", {"raw": ["a cat"]}, "a cat\udce9")
+    with pytest.raises(CosmosError, match="a metadata value is not valid UTF-8"):
+        sample_files("k", b"IMG", "jpg", {"raw": ["a cat"]}, "a cat", meta={"note": "\ud83d"})
+
+
 def test_sample_files_validates_and_builds_members():
     files = sample_files("000000007", b"IMG", "JPG", {"raw": ["a cat"]}, "a cat.", meta={"url": "u"})
     assert set(files) == {"jpg", "txt", "json"}
@@ -114,6 +138,32 @@ def test_shard_writer_is_atomic_and_cleans_up_on_error(tmp_path):
             raise RuntimeError("boom")
     # The finished shard stays, the half-written one and sizes.json do not exist.
     assert sorted(p.name for p in broken.iterdir()) == ["00000.tar"]
+
+
+def test_refused_sample_leaves_nothing_in_the_shard(tmp_path):
+    with ShardWriter(tmp_path) as w:
+        w.write("a", {"txt": b"x"})
+        with pytest.raises(CosmosError, match="must be bytes"):
+            w.write("b", {"txt": b"half", "json": "a str, not bytes"})
+        with pytest.raises(CosmosError, match="bad member extension"):
+            w.write("b", {"txt": b"half", "a/b": b"x"})
+        with pytest.raises(CosmosError, match="names the member b.txt twice"):
+            w.write("b", {"txt": b"half", ".txt": b"again"})
+        w.write("b", {"txt": b"whole"})  # the key was not taken by the refused attempts
+    with tarfile.open(tmp_path / "00000.tar") as tar:
+        assert tar.getnames() == ["a.txt", "b.txt"]
+        assert tar.extractfile("b.txt").read() == b"whole"
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {"00000.tar": 2}
+
+
+def test_atomic_write_leaves_no_temporary_file_when_the_write_fails(tmp_path, monkeypatch):
+    def failing_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shards_module.os, "fsync", failing_fsync)
+    with pytest.raises(CosmosError, match="out.json: cannot write \\(No space left on device\\)"):
+        atomic_write_bytes(tmp_path / "out.json", b"{}")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_shard_writer_refuses_bad_keys(tmp_path):
@@ -248,6 +298,41 @@ def test_bad_members_are_skipped_and_counted(tmp_path):
     keys = [s["__key__"] for s in iter_shard(str(tmp_path / "00000.tar"), stats)]
     assert keys == ["a", "f"]
     assert stats.as_dict() == {"samples": 2, "bad_samples": 4, "corrupt_shards": 0, "bad_images": 0}
+
+
+def test_unusable_caption_content_is_a_counted_bad_sample_not_fatal(tmp_path):
+    def record(captions) -> bytes:
+        return json.dumps({"captions": captions}, ensure_ascii=True).encode()  # \ud800 travels as an escape
+
+    _raw_tar(tmp_path / "00000.tar", [
+        ("a.jpg", jpeg((1, 1, 1))), ("a.json", record({"raw": ["fine"]})),
+        ("b.jpg", jpeg((2, 2, 2))), ("b.json", record({"raw": ["ok", " "]})),      # a blank sentence
+        ("c.jpg", jpeg((3, 3, 3))), ("c.json", record({"raw": [], "long": []})),   # no sentence at all
+        ("d.jpg", jpeg((4, 4, 4))), ("d.json", record({"raw": ["caf\ud800"]})),   # a lone surrogate
+        ("e.jpg", jpeg((5, 5, 5))), ("e.json", record({"raw": ["also fine"]})),
+    ])
+    stats = ReadStats()
+    assert [s["__key__"] for s in iter_shard(str(tmp_path / "00000.tar"), stats)] == ["a", "e"]
+    assert stats.bad_samples == 3 and stats.samples == 2
+
+
+def test_a_shared_shard_reads_only_its_own_samples_bytes(tmp_path, monkeypatch):
+    write_samples(tmp_path, 9, maxcount=9)
+    reads = []
+    original = tarfile.TarFile.extractfile
+
+    def counting(self, member, *args, **kwargs):
+        reads.append(member.name if isinstance(member, tarfile.TarInfo) else member)
+        return original(self, member, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", counting)
+    got = {}
+    for t in range(3):
+        reads.clear()
+        got[t] = [key for key, _ in iter_members(str(tmp_path / "00000.tar"), ReadStats(), 9, share=(3, t))]
+        assert sorted({name.split(".")[0] for name in reads}) == got[t]  # read only the groups it keeps
+        assert len(reads) == 3 * len(got[t])
+    assert got == {t: [f"{i:09d}" for i in range(t, 9, 3)] for t in range(3)}
 
 
 def test_truncated_shard_keeps_what_precedes_the_damage(tmp_path):

@@ -8,6 +8,8 @@ import html
 import pickle
 import random
 import string
+import sys
+import threading
 
 import ftfy
 import pytest
@@ -18,8 +20,10 @@ from cosmos.errors import CosmosError
 from cosmos.paths import find_shipped
 from cosmos.tokenizer import Tokenizer, clean, load_clip_merges, pretokenize, tokenize
 
-open_clip = pytest.importorskip("open_clip")  # test-time reference only (in the `test` extra)
-from open_clip.tokenizer import SimpleTokenizer  # noqa: E402
+# The reference: a declared test dependency (the `test` extra), imported plainly so a missing install fails loudly
+# instead of skipping every parity check.
+import open_clip
+from open_clip.tokenizer import SimpleTokenizer
 
 WORDS = (
     "a an the of on in with and at by near under over two three several people man woman child dog cat bird "
@@ -209,6 +213,54 @@ def test_cache_is_bounded_and_eviction_keeps_ids_right(reference: SimpleTokenize
     assert torch.equal(small(texts), reference(texts))  # words evicted and re-made give the same ids
     assert len(small._cache) <= 200
     assert Tokenizer.clip().cache_size == tokmod.DEFAULT_CACHE_SIZE
+
+
+def test_cache_eviction_is_safe_with_threads_sharing_one_tokenizer(reference: SimpleTokenizer) -> None:
+    """4 threads on one tokenizer with a tiny cache evict all the time: no KeyError or RuntimeError, ids right."""
+    shared = Tokenizer(load_clip_merges(find_shipped(tokmod.CLIP_MERGES_FILE)), cache_size=16, kind="clip")
+    texts = {t: [" ".join("".join(random.Random(t * 1000 + i).choices(string.ascii_lowercase, k=6))
+                          for _ in range(20)) for i in range(150)] for t in range(4)}
+    results: dict[int, torch.Tensor] = {}
+    errors: list[str] = []
+
+    def work(t: int) -> None:
+        try:
+            results[t] = torch.cat([shared(text) for text in texts[t]])
+        except Exception as e:  # collected and reported below: a thread's exception would otherwise be lost
+            errors.append(f"{type(e).__name__}: {e}")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, inside the eviction too
+    try:
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    for t in range(4):
+        assert torch.equal(results[t], reference(texts[t]))
+    assert len(shared._cache) <= 16 + 4  # bounded (a skipped eviction overshoots by at most a few entries)
+
+
+def test_cache_eviction_tolerates_keys_another_thread_removed(reference: SimpleTokenizer) -> None:
+    """The race above, made deterministic: while the oldest keys are listed for eviction, "another thread" evicts
+    each listed key first (what two threads evicting at once do). The eviction must not raise KeyError."""
+
+    class RacingCache(dict):
+        def __iter__(self):
+            for key in list(dict.__iter__(self)):
+                yield key
+                dict.pop(self, key, None)  # the other thread got there first
+
+    tok = Tokenizer(load_clip_merges(find_shipped(tokmod.CLIP_MERGES_FILE)), cache_size=16, kind="clip")
+    tok._cache = RacingCache()
+    rng = random.Random(5)
+    texts = [" ".join("".join(rng.choices(string.ascii_lowercase, k=6)) for _ in range(8)) for _ in range(10)]
+    assert torch.equal(tok(texts), reference(texts))
+    assert len(tok._cache) <= 16
 
 
 # --- decoding ------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from .loader import ShardDataset, ShardLoader, build_loader
 from .preprocess import PreprocessResult, preprocess, split_sentences
 from .shards import (
+    CaptionContentError,
     ReadStats,
     ShardWriter,
     expand_sources,

@@ -4,12 +4,16 @@ COSMOS crops TEXT as well as images: every caption field (raw alt-text, short an
 split into sentences OFFLINE and stored as a list, so a text crop is a draw of whole sentences
 (COSMOS_METHOD.md section 2). This module does that split once, when the shards are made:
 
-1. List the source: a folder of images with sidecar KEY.txt / KEY.json captions, or a CSV / TSV / JSONL table
-   with an image-path column and caption columns (paths relative to the table's folder).
+1. List the source: a folder of images with sidecar KEY.txt / KEY.json captions (the output folder excluded when
+   it lies inside), or a CSV / TSV / JSONL table with an image-path column and caption columns (paths relative to
+   the table's folder). Every table row becomes a sample or a skipped entry: CSV follows RFC 4180 quoting, TSV has
+   no quoting (one line, one row), a row with the wrong number of columns is skipped as `bad-row`.
 2. For each sample (in a worker pool): read the caption(s), split into sentences, validate; read the image,
-   decode it, shrink it so the shorter side is at most `max_size`, re-encode as JPEG. Anything wrong (missing
-   file, zero bytes, not an image, truncated, decompression bomb, empty or non-UTF-8 caption, a caption field
-   that is a string instead of a list) skips the sample with a reason; nothing else is lost.
+   decode it, shrink it so the shorter side is at most `max_size` (and no side exceeds JPEG's 65,500 pixels),
+   re-encode as JPEG. Anything wrong (missing file, zero bytes, not an image, truncated, decompression bomb,
+   empty caption, text that is not UTF-8, a caption field that is a string instead of a list) skips the sample
+   with a kind and a reason; anything unforeseen in one sample skips it with kind `error` and the exception.
+   Nothing else is lost, and one sample never stops the run.
 3. Write good samples in source order with ShardWriter (keys = zero-padded source index, stable and sortable),
    then sizes.json and manifest.json (counts, skipped samples and reasons, checksums, settings, command).
 """
@@ -27,9 +31,17 @@ from typing import Any, Callable, Iterator
 
 from PIL import Image
 
-from ..errors import CosmosError
+from ..errors import CosmosError, ImageDecodeError
 from ..images import IMAGE_EXTENSIONS, decode_image
-from .shards import MANIFEST_FILE, SIZES_FILE, ShardWriter, sample_files, validate_captions, write_manifest
+from .shards import (
+    MANIFEST_FILE,
+    SIZES_FILE,
+    CaptionContentError,
+    ShardWriter,
+    sample_files,
+    validate_captions,
+    write_manifest,
+)
 
 _SENTENCE_SPLIT = re.compile(r"\n|</s>|\.")
 KEY_DIGITS = 9
@@ -59,6 +71,7 @@ class Job:
     json_path: str | None = None
     columns: dict[str, Any] | None = None
     error: tuple[str, str] | None = None  # (kind, reason)
+    where: str | None = None  # "data.csv: line 12", for a table row that has no usable image path
 
     @property
     def key(self) -> str:
@@ -66,16 +79,20 @@ class Job:
 
     @property
     def source(self) -> str:
-        return self.image_path or self.txt_path or self.json_path or f"row {self.index}"
+        return self.image_path or self.txt_path or self.json_path or self.where or f"row {self.index}"
 
 
-def list_folder(folder: Path) -> list[Job]:
+def list_folder(folder: Path, exclude: Path | None = None) -> list[Job]:
     """Images (any common format, recursively, sorted) with their same-stem .txt / .json sidecars.
-    A sidecar without an image becomes a job that is skipped as a missing file. Hidden files are ignored."""
+    A sidecar without an image becomes a job that is skipped as a missing file. Hidden files are ignored, and so
+    is everything under `exclude` (the output folder, when it lies inside the source)."""
     images: dict[Path, list[Path]] = {}
     sidecars: dict[Path, dict[str, Path]] = {}
+    excluded = exclude.resolve() if exclude is not None else None
     for p in sorted(folder.rglob("*")):
         if not p.is_file() or any(part.startswith(".") for part in p.relative_to(folder).parts):
+            continue
+        if excluded is not None and p.resolve().is_relative_to(excluded):
             continue
         suffix, stem = p.suffix.lower(), p.with_suffix("")
         if suffix in IMAGE_EXTENSIONS:
@@ -107,66 +124,113 @@ def _check_columns(path: Path, header: list[str], image_column: str, caption_col
         )
 
 
-def _has_surrogates(value: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in value)
+_SURROGATE = re.compile("[\ud800-\udfff]")  # lone surrogates: undecodable bytes, or a JSON "\\ud800" escape
+
+
+def _not_utf8(value: Any) -> bool:
+    """True if any string in `value` (nested lists and dicts too) cannot be encoded as UTF-8."""
+    if isinstance(value, str):
+        return _SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_not_utf8(k) or _not_utf8(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_not_utf8(v) for v in value)
+    return False
 
 
 def list_table(path: Path, image_column: str, caption_columns: list[str]) -> list[Job]:
     """Rows of a CSV / TSV (header row) or JSONL file; image paths relative to the file's folder.
-    A row that is not UTF-8 is kept as a job that is skipped with that reason, so the rest still go through."""
+
+    Every row becomes a job: a row that cannot be used (not UTF-8, not JSON, the wrong number of columns,
+    a malformed CSV record) is kept as a job that is skipped with that reason, so no row is lost silently and the
+    rest still go through. Blank lines are not rows. CSV follows RFC 4180 (a quoted field may hold commas, quotes
+    doubled, newlines); TSV has no quoting at all (one line is one row, a quote is an ordinary character).
+    """
     root = path.parent
     jobs: list[Job] = []
 
-    def add_row(row: dict[str, Any]) -> None:
+    def bad(kind: str, where: str, reason: str) -> None:
+        jobs.append(Job(len(jobs), None, error=(kind, f"{where}: {reason}"), where=where))
+
+    def add_row(row: dict[str, Any], where: str) -> None:
+        if _not_utf8(row):
+            bad("caption-not-utf8", where, "not valid UTF-8; re-save the file as UTF-8")
+            return
         image = row.get(image_column)
         if not isinstance(image, str) or not image.strip():
-            jobs.append(Job(len(jobs), None, error=("missing-file", f"{path}: row {len(jobs) + 1} has no {image_column!r}")))
+            bad("missing-file", where, f"no {image_column!r}")
             return
         image_path = Path(image.strip()).expanduser()
         image_path = image_path if image_path.is_absolute() else root / image_path
         jobs.append(Job(len(jobs), str(image_path), columns={c: row.get(c) for c in caption_columns}))
 
     if path.suffix.lower() == ".jsonl":
+        checked = False
         with open(path, "rb") as f:
             for line_no, raw in enumerate(f, start=1):
                 if not raw.strip():
                     continue
+                where = f"{path}: line {line_no}"
                 try:
                     row = json.loads(raw.decode("utf-8"))
                 except UnicodeDecodeError:
-                    jobs.append(Job(len(jobs), None, error=("caption-not-utf8", f"{path}: line {line_no} is not UTF-8")))
+                    bad("caption-not-utf8", where, "not UTF-8")
                     continue
                 except ValueError as e:
-                    jobs.append(Job(len(jobs), None, error=("bad-row", f"{path}: line {line_no} is not JSON ({e})")))
+                    bad("bad-row", where, f"not JSON ({e})")
                     continue
                 if not isinstance(row, dict):
-                    jobs.append(Job(len(jobs), None, error=("bad-row", f"{path}: line {line_no} is not a JSON object")))
+                    bad("bad-row", where, f"a JSON {type(row).__name__}, not an object")
                     continue
-                if not jobs:
+                if not checked:
                     _check_columns(path, list(row), image_column, caption_columns)
-                add_row(row)
+                    checked = True
+                add_row(row, where)
         return jobs
 
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    tsv = path.suffix.lower() == ".tsv"
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        _check_columns(path, list(reader.fieldnames or []), image_column, caption_columns)
-        for row in reader:
-            if any(isinstance(v, str) and _has_surrogates(v) for v in row.values()):
-                jobs.append(Job(len(jobs), None, error=("caption-not-utf8",
-                                f"{path}: row {reader.line_num} is not UTF-8; re-save the file as UTF-8")))
+        if tsv:
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        else:
+            reader = csv.reader(f, delimiter=",", strict=True)
+        try:
+            header = next(reader, [])
+        except csv.Error as e:
+            raise CosmosError(f"{path}: the header row is malformed ({e}); fix the first line") from None
+        _check_columns(path, header, image_column, caption_columns)
+        while True:
+            first = reader.line_num + 1
+            try:
+                cells = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:  # the reader moves on to the next line
+                lines = f"line {first}" if reader.line_num <= first else f"lines {first}-{reader.line_num}"
+                hint = "" if tsv else ("; quote a field that holds a comma, a quote or a newline, and double the "
+                                       "quotes inside it")
+                bad("bad-row", f"{path}: {lines}", f"cannot be read as {'TSV' if tsv else 'CSV'} ({e}){hint}")
                 continue
-            add_row(row)
+            if not cells:
+                continue  # a blank line
+            lines = f"line {first}" if reader.line_num <= first else f"lines {first}-{reader.line_num}"
+            where = f"{path}: {lines}"
+            if len(cells) != len(header):
+                bad("bad-row", where, f"{len(cells)} columns, but the header has {len(header)}"
+                    + ("; TSV has no quoting, so a tab inside a caption splits it" if tsv else ""))
+                continue
+            add_row(dict(zip(header, cells)), where)
     return jobs
 
 
-def list_source(src: Path, image_column: str = "filepath", caption_columns: list[str] | None = None) -> list[Job]:
-    """The jobs of a folder or a table file; CosmosError if `src` is neither."""
+def list_source(src: Path, image_column: str = "filepath", caption_columns: list[str] | None = None,
+                exclude: Path | None = None) -> list[Job]:
+    """The jobs of a folder (without anything under `exclude`) or a table file; CosmosError if `src` is neither."""
     if not src.exists():
         raise CosmosError(f"{src}: no such file or folder; pass a folder of images with .txt/.json captions, "
                           "or a .csv/.tsv/.jsonl file")
     if src.is_dir():
-        jobs = list_folder(src)
+        jobs = list_folder(src, exclude)
     elif src.suffix.lower() in TABLE_SUFFIXES:
         jobs = list_table(src, image_column, caption_columns or ["title"])
     else:
@@ -230,6 +294,9 @@ def read_captions(job: Job) -> tuple[dict[str, list[str]], str, dict]:
                 raise Skip("caption-format", f"{job.json_path}: not valid JSON ({e})") from None
             if not isinstance(record, dict):
                 raise Skip("caption-format", f"{job.json_path}: is a {type(record).__name__}, not a JSON object")
+            if _not_utf8(record):
+                raise Skip("caption-not-utf8", f"{job.json_path}: text that is not valid UTF-8 (a lone surrogate "
+                                               "such as \\ud800); fix the encoding of this file")
             if "captions" in record:
                 try:
                     fields = validate_captions(record["captions"], where=job.json_path)
@@ -254,20 +321,26 @@ def read_captions(job: Job) -> tuple[dict[str, list[str]], str, dict]:
         raise Skip("empty-caption", f"{job.source}: caption is empty")
     if not raw:
         raw = ". ".join(next(iter(captions.values())))
-    captions = validate_captions(captions, where=job.source)
+    try:
+        captions = validate_captions(captions, where=job.source)
+    except CaptionContentError as e:
+        raise Skip(e.kind, str(e)) from None
+    except CosmosError as e:
+        raise Skip("caption-format", str(e)) from None
     return captions, raw, meta
 
 
-def _decode_kind(message: str) -> str:
-    if "decompression bomb" in message:
-        return "decompression-bomb"
-    if "unknown format" in message:
-        return "unreadable"
-    return "corrupt-image"
+# cosmos.images.ImageDecodeError.kind -> the skip kind reported in the manifest
+_DECODE_KINDS = {"empty": "empty-file", "not-image": "unreadable", "bomb": "decompression-bomb",
+                 "corrupt": "corrupt-image"}
+JPEG_MAX_SIDE = 65500  # the largest width or height a JPEG can store
 
 
 def read_image(path: str, max_size: int, quality: int) -> bytes:
-    """Read, decode and shrink an image (shorter side <= max_size, aspect kept); JPEG bytes."""
+    """Read, decode and shrink an image (shorter side <= max_size, aspect kept); JPEG bytes.
+
+    A very elongated image whose longer side would still exceed what JPEG can store (65,500 pixels) is shrunk
+    further, aspect kept, until it fits (its shorter side then ends up below max_size, at least 1 pixel)."""
     p = Path(path)
     if not p.is_file():
         raise Skip("missing-file", f"{path}: no such image file")
@@ -279,13 +352,13 @@ def read_image(path: str, max_size: int, quality: int) -> bytes:
         raise Skip("empty-file", f"{path}: empty file (0 bytes)")
     try:
         image = decode_image(data, name=path)
-    except CosmosError as e:
-        raise Skip(_decode_kind(str(e)), str(e)) from None
+    except ImageDecodeError as e:
+        raise Skip(_DECODE_KINDS[e.kind], str(e)) from None
     w, h = image.size
-    if min(w, h) > max_size:
-        scale = max_size / min(w, h)
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        image = image.resize(size, Image.BICUBIC, reducing_gap=3.0)  # [h', w'] with min(h', w') == max_size
+    scale = min(1.0, max_size / min(w, h), JPEG_MAX_SIDE / max(w, h))
+    if scale < 1.0:
+        size = (min(JPEG_MAX_SIDE, max(1, round(w * scale))), min(JPEG_MAX_SIDE, max(1, round(h * scale))))
+        image = image.resize(size, Image.BICUBIC, reducing_gap=3.0)  # [h', w'], min <= max_size, max <= 65500
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=quality)
     return out.getvalue()
@@ -298,17 +371,31 @@ class _Settings:
 
 
 def process_job(job: Job, settings: _Settings) -> tuple[str, str, Any]:
-    """("ok", key, {ext: bytes}) or ("skip", key, {"kind", "reason", "source"}). Runs in pool workers."""
+    """("ok", key, {ext: bytes}) or ("skip", key, {"kind", "reason", "source"}). Runs in pool workers.
+
+    Metadata: the sidecar JSON's own keys are kept as they are; "source" (the image's file name) is added only
+    when the JSON does not already have one. Anything unforeseen that goes wrong in one sample skips that sample
+    with kind "error" (its reason names the file and the exception) instead of stopping the whole run.
+    """
     try:
         if job.error is not None:
             raise Skip(*job.error)
         captions, raw, meta = read_captions(job)
         image = read_image(job.image_path, settings.max_size, settings.quality)
-        if job.image_path:
+        if job.image_path and "source" not in meta:
             meta = {**meta, "source": Path(job.image_path).name}
-        return "ok", job.key, sample_files(job.key, image, "jpg", captions, raw, meta)
+        try:
+            files = sample_files(job.key, image, "jpg", captions, raw, meta)
+        except CaptionContentError as e:
+            raise Skip(e.kind, str(e)) from None
+        except CosmosError as e:
+            raise Skip("caption-format", str(e)) from None
+        return "ok", job.key, files
     except Skip as s:
         return "skip", job.key, {"key": job.key, "source": job.source, "kind": s.kind, "reason": s.reason}
+    except Exception as e:  # one bad sample must not stop the run: record it, with the exception
+        reason = f"{job.source}: {e} ({type(e).__name__})"
+        return "skip", job.key, {"key": job.key, "source": job.source, "kind": "error", "reason": reason}
 
 
 def _process_star(args: tuple[Job, _Settings]) -> tuple[str, str, Any]:
@@ -376,7 +463,7 @@ def preprocess(
         raise CosmosError(f"--quality must be between 1 and 100, got {quality}")
     if workers < 1:
         raise CosmosError(f"--workers must be at least 1, got {workers}")
-    jobs = list_source(src, image_column, caption_columns)
+    jobs = list_source(src, image_column, caption_columns, exclude=out)
     prepare_out_dir(out, overwrite, src)
     settings = _Settings(max_size=max_size, quality=quality)
     result = PreprocessResult(out_dir=str(out), total=len(jobs), written=0)

@@ -20,8 +20,9 @@ Streaming (`iter_shard`, `iter_samples`) yields one dict per sample:
     {"__key__": str, "__url__": shard path, "image": bytes, "image_ext": "jpg", "captions": {field: [str]},
      "meta": {the rest of KEY.json}}
 
-A corrupt member or sample is skipped and counted in a `ReadStats`, never fatal; a badly formed caption
-structure (a data-preparation bug, not corruption) raises CosmosError.
+A corrupt member or sample is skipped and counted in a `ReadStats`, never fatal, and so is a sample whose
+captions are well typed but unusable (an empty sentence, no sentence, not UTF-8); a caption structure of the
+wrong type (a field that is a string or not a list: a data-preparation bug, not corruption) raises CosmosError.
 """
 from __future__ import annotations
 
@@ -44,17 +45,34 @@ MANIFEST_FILE = "manifest.json"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _KEY_RE = re.compile(r"^[^.]+$")
 _BRACE_RE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # code points that cannot be encoded as UTF-8
 
 
 # --- Captions: the one rule every file must follow ------------------------------------------------------------
+
+
+class CaptionContentError(CosmosError):
+    """A caption structure that is well formed but unusable in this one sample. Readers skip such a sample
+    (counted); only wrong TYPES are fatal. `kind`: "empty-caption" (an empty sentence, or no sentence at all)
+    or "caption-not-utf8" (text that cannot be encoded as UTF-8)."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):  # keep `kind` through pickling (pool and DataLoader workers)
+        return type(self), (str(self), self.kind)
 
 
 def validate_captions(captions: Any, where: str) -> dict[str, list[str]]:
     """Check that `captions` maps each field name to a LIST of non-empty strings; return a clean copy.
 
     `where` names the file or sample in the error message. A field holding a plain string is the FLAIR collapse
-    (a sentence sampler would pick characters), so it is refused with a message that says exactly that.
-    Empty lists are allowed for a field, but the sample must have at least one sentence in total.
+    (a sentence sampler would pick characters), so it is refused with a message that says exactly that. Wrong
+    types (not an object, a field that is not a list, an item that is not a string) raise CosmosError: that is a
+    bug in how the data was made. Bad content in an otherwise well-typed sample (an empty sentence, no sentence in
+    any field, a lone surrogate that is not valid UTF-8) raises its subclass CaptionContentError. Empty lists are
+    allowed for a field, but the sample must have at least one sentence in total.
     """
     if not isinstance(captions, dict):
         raise CosmosError(
@@ -81,13 +99,19 @@ def validate_captions(captions: Any, where: str) -> dict[str, list[str]]:
                     "every sentence must be a string"
                 )
             if not sentence.strip():
-                raise CosmosError(
+                raise CaptionContentError(
                     f"{where}: caption field {field!r} item {i} is an empty sentence; drop empty sentences "
-                    "(cosmos.data.preprocess.split_sentences does)"
+                    "(cosmos.data.preprocess.split_sentences does)", "empty-caption"
+                )
+            if _SURROGATE.search(sentence):
+                raise CaptionContentError(
+                    f"{where}: caption field {field!r} item {i} is not valid UTF-8 (it holds a lone surrogate such "
+                    "as \\ud800); fix the text encoding of this caption", "caption-not-utf8"
                 )
         clean[str(field)] = list(value)
     if not any(clean.values()):
-        raise CosmosError(f"{where}: no caption sentences in any field; every sample needs at least one")
+        raise CaptionContentError(f"{where}: no caption sentences in any field; every sample needs at least one",
+                                  "empty-caption")
     return clean
 
 
@@ -112,11 +136,20 @@ def sample_files(
         if reserved in extra:
             raise CosmosError(f"sample {key!r}: meta may not use the reserved name {reserved!r}")
     record = {"key": key, "captions": captions, **extra}
-    return {
-        image_ext: image_bytes,
-        "txt": raw_caption.encode("utf-8"),
-        "json": json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8"),
-    }
+    try:
+        txt = raw_caption.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CaptionContentError(f"sample {key!r}: the raw caption is not valid UTF-8 (it holds a lone "
+                                  "surrogate); fix the text encoding of this caption", "caption-not-utf8") from None
+    try:
+        record_json = json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CaptionContentError(f"sample {key!r}: a metadata value is not valid UTF-8 (it holds a lone "
+                                  "surrogate); fix the text encoding of this sample's metadata",
+                                  "caption-not-utf8") from None
+    except (TypeError, ValueError) as e:
+        raise CosmosError(f"sample {key!r}: metadata cannot be stored as JSON ({e}); pass only JSON types") from None
+    return {image_ext: image_bytes, "txt": txt, "json": record_json}
 
 
 # --- Writing: atomic files, shards, sizes.json, manifest.json -------------------------------------------------
@@ -126,11 +159,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file and a rename, so `path` is never half-written."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CosmosError(f"{path}: cannot write ({e.strerror or e}); check the free space and permissions "
+                          "of this folder") from None
+    finally:
+        tmp.unlink(missing_ok=True)  # gone already after a successful rename
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -176,26 +215,34 @@ class ShardWriter:
         self._closed = False
 
     def write(self, key: str, files: dict[str, bytes]) -> None:
-        """Add one sample: members KEY.ext for each (ext, bytes) in `files`."""
+        """Add one sample: members KEY.ext for each (ext, bytes) in `files`.
+
+        Everything is checked before the first member is added, so a refused sample leaves nothing in the shard.
+        """
         if self._closed:
             raise CosmosError("ShardWriter: write() after close()")
-        if not key or not _KEY_RE.match(key) or key.startswith("/"):
+        if not isinstance(key, str) or not key or not _KEY_RE.match(key) or key.startswith("/"):
             raise CosmosError(f"ShardWriter: sample key {key!r} must be non-empty and contain no '.'")
         if not files:
             raise CosmosError(f"ShardWriter: sample {key!r} has no files")
+        members: dict[str, bytes] = {}
+        for ext, data in files.items():
+            name = ext.lstrip(".") if isinstance(ext, str) else ""
+            if not name or "/" in name:
+                raise CosmosError(f"ShardWriter: sample {key!r} has a bad member extension {ext!r}")
+            if name in members:
+                raise CosmosError(f"ShardWriter: sample {key!r} names the member {key}.{name} twice")
+            if not isinstance(data, (bytes, bytearray)):
+                raise CosmosError(f"ShardWriter: member {key}.{name} must be bytes, got {type(data).__name__}")
+            members[name] = bytes(data)
+        if self._tar is not None and self._count < self.maxcount and key in self._keys_in_shard:
+            raise CosmosError(f"ShardWriter: sample key {key!r} written twice in {self._name}; keys must be unique")
         if self._tar is None or self._count >= self.maxcount:
             self._finish_shard()
             self._open_shard()
-        if key in self._keys_in_shard:
-            raise CosmosError(f"ShardWriter: sample key {key!r} written twice in {self._name}; keys must be unique")
         self._keys_in_shard.add(key)
-        for ext, data in files.items():
-            ext = ext.lstrip(".")
-            if not ext or "/" in ext:
-                raise CosmosError(f"ShardWriter: sample {key!r} has a bad member extension {ext!r}")
-            if not isinstance(data, (bytes, bytearray)):
-                raise CosmosError(f"ShardWriter: member {key}.{ext} must be bytes, got {type(data).__name__}")
-            info = tarfile.TarInfo(f"{key}.{ext}")
+        for name, data in members.items():
+            info = tarfile.TarInfo(f"{key}.{name}")
             info.size = len(data)
             info.mtime = 0
             info.mode = 0o644
@@ -359,16 +406,22 @@ def split_key(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def iter_members(url: str, stats: ReadStats, expected: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_members(url: str, stats: ReadStats, expected: int | None = None,
+                 share: tuple[int, int] = (1, 0)) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Stream a tar file and yield (key, {ext: bytes}) for each run of consecutive members sharing a key.
+
+    `share=(k, t)`: yield only the sample groups whose index j in the tar (counting every group) has j % k == t;
+    the bytes of the other groups are never read (the stream skips over them), so k readers splitting one shard
+    each read only their own part.
 
     If the tar stream breaks, the sample being read is dropped, the shard is counted in
     `stats.corrupt_shards`, and iteration moves on (the rest of that shard cannot be found in a stream).
     A tar cut exactly between two members reads as a shorter valid archive; `expected` (the count in
     sizes.json) catches that: fewer samples than expected also counts the shard as corrupt.
     """
+    k, t = share
     key, files = None, {}
-    groups = 0
+    groups = 0  # sample groups started so far; the current one has index groups - 1
     try:
         with tarfile.open(url, mode="r|*") as tar:
             for member in tar:
@@ -379,28 +432,30 @@ def iter_members(url: str, stats: ReadStats, expected: int | None = None) -> Ite
                     continue
                 member_key, ext = parts
                 if member_key != key:  # the previous sample is complete: hand it out before reading on
-                    if key is not None:
-                        groups += 1
+                    if key is not None and (groups - 1) % k == t:
                         yield key, files
                     key, files = member_key, {}
-                files[ext] = tar.extractfile(member).read()
+                    groups += 1
+                if (groups - 1) % k == t:
+                    files[ext] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error):
         stats.corrupt_shards += 1
         return
-    if key is not None:
-        groups += 1
+    if key is not None and (groups - 1) % k == t:
         yield key, files
     if expected is not None and groups < expected:
         stats.corrupt_shards += 1
 
 
 class BadSample(Exception):
-    """A sample that cannot be used (missing or undecodable member): skipped and counted, never fatal."""
+    """A sample that cannot be used (missing or undecodable member, unusable caption content): skipped and
+    counted, never fatal."""
 
 
 def decode_sample(key: str, files: dict[str, bytes], url: str) -> dict:
-    """Turn grouped members into the sample dict. Raises BadSample for a missing or undecodable member and
-    CosmosError for a caption structure that breaks the format (a string field, an empty sentence ...)."""
+    """Turn grouped members into the sample dict. Raises BadSample for a missing or undecodable member or unusable
+    caption content (an empty sentence, no sentence, not UTF-8), and CosmosError for a caption structure of the
+    wrong type (a field that is a string or not a list ...): that is a bug in how the shards were made."""
     from .preprocess import split_sentences  # preprocess imports this module
 
     image_ext = next((ext for ext in IMAGE_EXTS if ext in files), None)
@@ -418,7 +473,10 @@ def decode_sample(key: str, files: dict[str, bytes], url: str) -> dict:
             raise BadSample(f"{where}: is a {type(record).__name__}, not a JSON object")
         meta = {k: v for k, v in record.items() if k not in ("captions", "key")}
         if "captions" in record:
-            captions = validate_captions(record["captions"], where=where)
+            try:
+                captions = validate_captions(record["captions"], where=where)
+            except CaptionContentError as e:
+                raise BadSample(str(e)) from None
     if captions is None:
         if "txt" not in files:
             raise BadSample(f"{url}: sample {key!r} has no caption (no .txt member and no 'captions' in .json)")
