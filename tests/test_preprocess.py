@@ -2,7 +2,6 @@
 read-back with the `webdataset` library, and the CLI's one-line errors."""
 from __future__ import annotations
 
-import importlib
 import io
 import json
 import struct
@@ -15,20 +14,14 @@ import webdataset as wds
 from PIL import Image
 from typer.testing import CliRunner
 
+import cosmos.data.preprocess as preprocess_module
 from cosmos.data.preprocess import preprocess, split_sentences
 from cosmos.data.shards import expand_sources, iter_samples
 from cosmos.errors import CosmosError, ImageDecodeError
 from cosmos.images import decode_image
 
-preprocess_module = importlib.import_module("cosmos.data.preprocess")  # the package exports a function of that name
 
-try:
-    from cosmos_cli.main import app
-except ImportError:  # not installed yet: the package lives in cli/
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    app = importlib.import_module("cli.main").app
+from cosmos_cli.main import app
 
 
 # --- helpers: images that are good and images that are bad in each way ------------------------------------------

@@ -1,6 +1,6 @@
 """Training data: tar shards (write, list, stream across ranks and workers), preprocessing, the loader."""
 from .loader import ShardDataset, ShardLoader, build_loader
-from .preprocess import PreprocessResult, preprocess, split_sentences
+from .preprocess import PreprocessResult, split_sentences  # the function `preprocess` stays in its module
 from .shards import (
     CaptionContentError,
     ReadStats,
