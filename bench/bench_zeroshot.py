@@ -86,7 +86,7 @@ def compare(reference, ours, repeats: int) -> tuple[float, float, object, object
     for _ in range(repeats):
         for fn, times in ((reference, t_ref), (ours, t_ours)):
             start = time.perf_counter()
-            out = fn()
+            fn()
             times.append(time.perf_counter() - start)
     return statistics.median(t_ref), statistics.median(t_ours), out_ref, out_ours
 

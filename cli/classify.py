@@ -1,6 +1,4 @@
-"""`cosmos classify IMG... --labels cat,dog`: zero-shot class probabilities for images, as tables or JSON.
-
-"""
+"""`cosmos classify IMG... --labels cat,dog`: zero-shot class probabilities for images, as tables or JSON."""
 from __future__ import annotations
 
 import json
@@ -9,11 +7,15 @@ from typing import List, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from .common import (
-    DEFAULT_WEIGHTS, PRECISION_HELP, QUICK_GELU_HELP, WHICH_HELP, check_precision, cli_errors, console, err_console,
-    load_model, model_labels, progress_bar,
+    DEFAULT_WEIGHTS, PRECISION_HELP, QUICK_GELU_HELP, WHICH_HELP, check_precision, cli_errors, console, load_model,
+    model_labels, print_error, progress_bar,
 )
+
+TABLE_TOP = 5  # labels per table without --top; --json lists every label unless --top is given
+
 
 # --- cosmos classify -----------------------------------------------------------------------------------------------
 @cli_errors
@@ -25,7 +27,8 @@ def classify(
     weights: str = typer.Option(DEFAULT_WEIGHTS, "--weights", "-w", help="checkpoint file or released name"),
     templates: str = typer.Option(
         "openai", "--templates", "-t", help="openai (80 prompts), simple (7), synth, or one template with {}"),
-    top: int = typer.Option(5, "--top", "-k", min=1, help="show the K most likely labels"),
+    top: Optional[int] = typer.Option(
+        None, "--top", "-k", min=1, help=f"show the K most likely labels (default: {TABLE_TOP} in tables, all in --json)"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON list instead of tables"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)"),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
@@ -34,51 +37,49 @@ def classify(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="images per forward pass"),
 ) -> None:
     """Zero-shot classification: probabilities = softmax(logit_scale * cosine) over the labels."""
-    import torch
-
-    from cosmos.errors import CosmosError
-    from cosmos.images import open_image
-    from cosmos.zeroshot.classify import build_class_embeddings, classify_images
+    from cosmos.device import resolve_precision
+    from cosmos.zeroshot.classify import build_class_embeddings, classify_images, image_batches, model_device
     from cosmos.zeroshot.templates import parse_labels, resolve_templates
 
     classes = parse_labels(labels) if labels is not None else None
     template_list = resolve_templates(templates)
     check_precision(precision)
     model, preprocess, tokenizer = load_model(weights, device, which, quick_gelu)
+    precision = resolve_precision(model_device(model), precision)
     if classes is None:
         classes = model_labels(model)
     with progress_bar("encoding class prompts") as update:
         classifier = build_class_embeddings(model, tokenizer, classes, template_list, precision=precision,
                                             progress=update)
+    shown = top if top is not None else (len(classes) if as_json else TABLE_TOP)
 
     failed = 0
-    opened: list[tuple[Path, torch.Tensor]] = []
-    for path in images:
-        try:
-            opened.append((path, preprocess(open_image(path))))  # [3, S, S]
-        except CosmosError as e:
-            failed += 1
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+
+    def report(index: int, message: str) -> None:  # an unreadable file: one line, the others go on
+        nonlocal failed
+        failed += 1
+        print_error(message)
+
     results = []
-    with progress_bar("classifying", total=len(opened)) as update:
-        for start in range(0, len(opened), batch_size):
-            chunk = opened[start : start + batch_size]
-            probs = classify_images(model, torch.stack([x for _, x in chunk]), classifier, precision)  # [b, C]
-            for (path, _), row in zip(chunk, probs.cpu()):
-                order = row.argsort(descending=True)[:top].tolist()
-                results.append({"image": str(path),
+    with progress_bar("classifying", total=len(images)) as update:
+        # Images are opened and preprocessed one batch at a time, so memory does not grow with their number.
+        for indices, batch in image_batches(images, preprocess, batch_size, on_error=report):
+            probs = classify_images(model, batch, classifier, precision).cpu()  # [b, C]
+            for index, row in zip(indices, probs):
+                order = row.argsort(descending=True)[:shown].tolist()
+                results.append({"image": str(images[index]),
                                 "labels": [{"label": ";".join(classes[i]), "prob": row[i].item()} for i in order]})
-            update(start + len(chunk))
+            update(indices[-1] + 1)
 
     if as_json:
         typer.echo(json.dumps(results, indent=2))
     else:
         for result in results:
-            table = Table(title=result["image"], title_justify="left")
+            table = Table(title=Text(result["image"]), title_justify="left")
             table.add_column("label")
             table.add_column("probability", justify="right")
             for entry in result["labels"]:
-                table.add_row(entry["label"], f"{entry['prob']:.4f}")
+                table.add_row(Text(entry["label"]), f"{entry['prob']:.4f}")
             console.print(table)
     if failed:
         raise typer.Exit(1)

@@ -8,7 +8,9 @@ from typing import Callable, Iterator, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
 
 from cosmos.errors import CosmosError
 
@@ -18,9 +20,14 @@ err_console = Console(stderr=True)
 DEFAULT_WEIGHTS = os.environ.get("COSMOS_WEIGHTS", "cosmos_vitb16_merged30m")
 
 
+def print_error(message: str) -> None:
+    """`error: message` on stderr; the message is plain text (a path like `x[/tmp]` is printed as is, not as markup)."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", str(message)), highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print `error: message` on stderr and exit with `code`."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    print_error(message)
     raise typer.Exit(code)
 
 
@@ -34,7 +41,10 @@ def cli_errors(fn: Callable) -> Callable:
         except CosmosError as e:
             fail(str(e))
         except FileNotFoundError as e:
-            fail(f"no such file: {e.filename or e}")
+            fail(f"{e.filename}: no such file" if e.filename else str(e))
+        except OSError as e:  # e.g. an output folder that is read-only, a full disk
+            reason = e.strerror or str(e)
+            fail(f"{e.filename}: {reason}" if e.filename else reason)
         except KeyboardInterrupt:
             fail("interrupted", code=130)
 
@@ -50,7 +60,7 @@ def progress_bar(description: str, total: int | None = None) -> Iterator:
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn()]
     with Progress(*columns, console=err_console, transient=True) as progress:
-        task = progress.add_task(description, total=total)
+        task = progress.add_task(escape(description), total=total)
 
         def update(done: int, total_: int | None = None) -> None:
             progress.update(task, completed=done, total=total_ if total_ is not None else total)

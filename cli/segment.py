@@ -8,39 +8,21 @@ from typing import List, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from .common import (
-    PRECISION_HELP, QUICK_GELU_HELP, WHICH_HELP, check_precision, load_model, model_labels, progress_bar,
+    DEFAULT_WEIGHTS, PRECISION_HELP, QUICK_GELU_HELP, WHICH_HELP, check_precision, cli_errors, console, err_console,
+    load_model, model_labels, print_error, progress_bar,
 )
-from .common import DEFAULT_WEIGHTS, cli_errors, console, err_console
 
 METHOD_HELP = "last-block variant: plain, csa (SCLIP), clearclip or maskclip"
 
 
-def with_background(classes: list[list[str]], bg_threshold: Optional[float]) -> tuple[list[list[str]], Optional[int]]:
-    """With a threshold, thresholded pixels go to the class named 'background' (prompted like the others) or, if
-    there is none, to a prompt-less 'background' class put first (index 0, as in VOC masks)."""
-    if bg_threshold is None:
-        return classes, None
-    for index, names in enumerate(classes):
-        if names and names[0].lower() == "background":
-            return classes, index
-    return [[]] + classes, 0
-
-
-def class_titles(classes: list[list[str]]) -> list[str]:
-    return [";".join(names) if names else "background" for names in classes]
-
-
 def segmenter_options(method: str, short_side: Optional[int], window: Optional[int], stride: Optional[int],
                       logit_scale: float, bg_threshold: Optional[float], batch_size: int, precision: str):
-    from cosmos.errors import CosmosError
-    from cosmos.zeroshot.segment import METHODS, SegmentConfig
+    """A SegmentConfig from the options (checked there, before the model is loaded)."""
+    from cosmos.zeroshot.segment import SegmentConfig
 
-    if method not in METHODS:
-        raise CosmosError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if bg_threshold is not None and not 0 <= bg_threshold <= 1:
-        raise CosmosError(f"--bg-threshold must be a probability between 0 and 1, got {bg_threshold}")
     return SegmentConfig(method, short_side, window, stride, logit_scale, bg_threshold, batch_size,
                          check_precision(precision))
 
@@ -57,7 +39,8 @@ def segment(
     templates: str = typer.Option("openai", "--templates", "-t", help="openai, simple, synth, or one template with {}"),
     short_side: Optional[int] = typer.Option(None, "--short-side", min=1,
                                              help="resize the short side to this (default 336 x image_size/224)"),
-    window: Optional[int] = typer.Option(None, "--window", min=1, help="window size (default: the model's input size)"),
+    window: Optional[int] = typer.Option(
+        None, "--window", min=1, help="window size, a multiple of the patch size (default: the model's input size)"),
     stride: Optional[int] = typer.Option(None, "--stride", min=1, help="window stride (default: window / 2)"),
     logit_scale: float = typer.Option(40.0, "--logit-scale", help="logits x this before the softmax"),
     bg_threshold: Optional[float] = typer.Option(
@@ -70,22 +53,23 @@ def segment(
     as_json: bool = typer.Option(False, "--json", help="print the pixel shares as JSON"),
 ) -> None:
     """Zero-shot segmentation: writes OUT/<name>_mask.png (class indices) and OUT/<name>_overlay.png."""
+    from cosmos.device import resolve_precision
     from cosmos.errors import CosmosError
     from cosmos.images import open_image
-    from cosmos.zeroshot.classify import build_class_embeddings
-    from cosmos.zeroshot.segment import Segmenter, overlay, pixel_shares, save_mask
+    from cosmos.zeroshot.classify import build_class_embeddings, model_device
+    from cosmos.zeroshot.segment import Segmenter, overlay, pixel_shares, save_mask, with_background
     from cosmos.zeroshot.templates import parse_labels, resolve_templates
 
     classes = parse_labels(labels) if labels is not None else None
     template_list = resolve_templates(templates)
     config = segmenter_options(method, short_side, window, stride, logit_scale, bg_threshold, batch_size, precision)
     model, _, tokenizer = load_model(weights, device, which, quick_gelu)
+    config.precision = resolve_precision(model_device(model), config.precision)
     if classes is None:
         classes = model_labels(model)
-    classes, background = with_background(classes, bg_threshold)
-    titles = class_titles(classes)
+    classes, titles, background = with_background(classes, bg_threshold)
     with progress_bar("encoding class prompts") as update:
-        classifier = build_class_embeddings(model, tokenizer, classes, template_list, precision=precision,
+        classifier = build_class_embeddings(model, tokenizer, classes, template_list, precision=config.precision,
                                             progress=update)
     segmenter = Segmenter(model, classifier, config, background_index=background)
     try:
@@ -99,7 +83,7 @@ def segment(
             image = open_image(path)
         except CosmosError as e:
             failed += 1
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            print_error(str(e))
             continue
         with progress_bar(f"segmenting {path.name}", total=segmenter.count_windows(image)) as update:
             mask = segmenter(image, progress=update)  # [H, W]
@@ -116,15 +100,20 @@ def segment(
                  "classes": [{"index": i, "label": titles[i], "share": shares[i]} for i in order if shares[i] > 0]}
         report.append(entry)
         if not as_json:
-            table = Table(title=f"{path} -> {mask_path}", title_justify="left")
+            table = Table(title=Text(f"{path} -> {mask_path}"), title_justify="left")
             table.add_column("index", justify="right")
             table.add_column("label")
             table.add_column("pixels", justify="right")
             for c in entry["classes"]:
-                table.add_row(str(c["index"]), c["label"], f"{100 * c['share']:.1f}%")
+                table.add_row(str(c["index"]), Text(c["label"]), f"{100 * c['share']:.1f}%")
             console.print(table)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
+    if report:  # where the files went (on stderr with --json, so stdout stays JSON)
+        (err_console if as_json else console).print(
+            Text(f"wrote {len(report)} mask{'s' if len(report) > 1 else ''} and overlay"
+                 f"{'s' if len(report) > 1 else ''} to {out}/ (<name>_mask.png, <name>_overlay.png)"),
+            highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(1)
 

@@ -2,22 +2,24 @@
 saved, every image kind, and one-line errors for bad inputs."""
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
+import open_clip  # a declared test dependency: the parity reference
 import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 try:
-    from cosmos_cli.main import app
+    from cosmos_cli import main as cli_main
 except ImportError:  # not pip-installed yet: the cli/ folder is importable from the repository root
-    from cli.main import app
+    from cli import main as cli_main
 
-open_clip = pytest.importorskip("open_clip")
-
+app = cli_main.app
 runner = CliRunner()
+CPU_FP32 = ("--device", "cpu", "--precision", "fp32")  # parity runs must not depend on the machine
 LABELS = ["cat", "dog", "red car", "tree"]
 
 
@@ -28,7 +30,8 @@ def run(*args: str):
 def one_line_error(result) -> str:
     """The command failed with a single 'error: ...' line on stderr and no traceback."""
     assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
@@ -124,7 +127,7 @@ def test_classify_matches_openclip_probabilities(openclip_ckpt, images):
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
     paths = [images["jpeg"], images["png"], images["webp"]]
-    result = run("classify", *paths, "--labels", ",".join(LABELS), "--weights", ckpt, "--json", "--top", len(LABELS))
+    result = run("classify", *paths, "--labels", ",".join(LABELS), "--weights", ckpt, "--json", *CPU_FP32)
     assert result.exit_code == 0, result.output
     ours = json.loads(result.stdout)
     reference = openclip_probs(model, paths, LABELS, OPENAI_IMAGENET_TEMPLATES)
@@ -143,7 +146,7 @@ def test_classify_custom_and_simple_templates_match_openclip(openclip_ckpt, imag
 
     for option, templates in (("a drawing of a {}.", ["a drawing of a {}."]), ("simple", SIMPLE_IMAGENET_TEMPLATES)):
         result = run("classify", images["png"], "-l", ",".join(LABELS), "-w", ckpt, "--json", "--templates", option,
-                     "--top", len(LABELS))
+                     *CPU_FP32)
         assert result.exit_code == 0, result.output
         got = {e["label"]: e["prob"] for e in json.loads(result.stdout)[0]["labels"]}
         ref = openclip_probs(model, [images["png"]], LABELS, templates)[0]
@@ -154,7 +157,7 @@ def test_classify_reads_every_image_kind(openclip_ckpt, images):
     _, ckpt = openclip_ckpt
     kinds = ["jpeg", "png", "webp", "gray", "rgba", "palette", "exif", "exif_reference"]
     result = run("classify", *(images[k] for k in kinds), "-l", "cat,dog,tree", "-w", ckpt, "--json",
-                 "-t", "a photo of a {}.")
+                 "-t", "a photo of a {}.", *CPU_FP32)
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert len(out) == len(kinds)
@@ -174,6 +177,62 @@ def test_classify_table_output_sorted_and_top_k(openclip_ckpt, images):
     assert len(rows) == 2
     values = [float(row.split()[-2]) for row in rows]
     assert values == sorted(values, reverse=True)
+
+
+def test_classify_json_lists_every_label_unless_top_is_given(openclip_ckpt, images):
+    _, ckpt = openclip_ckpt
+    labels = ["cat", "dog", "car", "tree", "bird", "boat", "house"]
+    common = ("-l", ",".join(labels), "-w", ckpt, "-t", "a {}", *CPU_FP32)
+    result = run("classify", images["png"], "--json", *common)
+    assert sorted(e["label"] for e in json.loads(result.stdout)[0]["labels"]) == sorted(labels)
+    result = run("classify", images["png"], "--json", "--top", 2, *common)
+    assert len(json.loads(result.stdout)[0]["labels"]) == 2
+    result = run("classify", images["png"], *common)  # a table: the 5 most likely
+    assert len([line for line in result.stdout.splitlines() if any(f" {label} " in line for label in labels)]) == 5
+
+
+def test_classify_streams_images_one_batch_at_a_time(openclip_ckpt, images, monkeypatch):
+    """Images are opened and preprocessed per batch, just before that batch runs: memory does not grow with the
+    number of images."""
+    _, ckpt = openclip_ckpt
+    module = importlib.import_module(f"{cli_main.__package__}.classify")
+    load_model, log = module.load_model, []
+
+    def spy_load(*args, **kwargs):
+        model, preprocess, tokenizer = load_model(*args, **kwargs)
+        model.visual.register_forward_pre_hook(lambda m, a: log.append(f"forward {len(a[0])}"))
+
+        def counting(image):
+            log.append("preprocess")
+            return preprocess(image)
+
+        return model, counting, tokenizer
+
+    monkeypatch.setattr(module, "load_model", spy_load)
+    kinds = ["jpeg", "png", "webp", "gray", "rgba", "palette", "exif"]
+    result = run("classify", *(images[k] for k in kinds), "-l", "cat,dog", "-w", ckpt, "--json", "--batch-size", 3,
+                 *CPU_FP32)
+    assert result.exit_code == 0, result.output
+    assert log == ["preprocess"] * 3 + ["forward 3"] + ["preprocess"] * 3 + ["forward 3"] + ["preprocess", "forward 1"]
+
+
+def test_paths_that_look_like_markup_are_printed_as_they_are(openclip_ckpt, tmp_path, monkeypatch):
+    """Rich markup characters in paths: no MarkupError traceback, no garbled names."""
+    _, ckpt = openclip_ckpt
+    monkeypatch.chdir(tmp_path)  # short relative paths: the table title does not wrap
+    (tmp_path / "x[/tmp]").mkdir(parents=True)  # folders "x[" and "tmp]"
+    photo(64, 64).save(tmp_path / "x[/tmp]" / "[b]img.png")
+    picture, missing = "x[/tmp]/[b]img.png", "x[/tmp]/a.jpg"
+    result = run("classify", picture, missing, "-l", "cat,[red]dog", "-w", ckpt, *CPU_FP32)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines() == [f"error: {missing}: no such file"]
+    assert picture in result.stdout and "[red]dog" in result.stdout
+    line = one_line_error(run("classify", picture, "-l", "cat", "-w", "x[/tmp]/w.pt"))
+    assert line.startswith("error: x[/tmp]/w.pt: no such file")
+    result = run("segment", picture, "-l", "a,[b]b", "-w", ckpt, "--out", "x[/tmp]/out", "-t", "{}", *CPU_FP32)
+    assert result.exit_code == 0, result.output
+    assert f"{picture}->x[/tmp]/out/[b]img_mask.png" in "".join(result.stdout.split())  # the title may wrap
+    assert "wrote 1 mask and overlay to x[/tmp]/out/" in result.stdout
 
 
 def test_classify_bad_file_does_not_stop_the_others(openclip_ckpt, images, tmp_path):
@@ -248,6 +307,45 @@ def test_segment_writes_mask_and_overlay(openclip_ckpt, tmp_path):
         assert shares.get(title, 0.0) == pytest.approx(counts[index] / mask.size)
 
 
+def test_segment_says_where_it_wrote(openclip_ckpt, tmp_path):
+    _, ckpt = openclip_ckpt
+    for name in ("a", "b"):
+        photo(80, 60, seed=1).save(tmp_path / f"{name}.png")
+    out = tmp_path / "out"
+    result = run("segment", tmp_path / "a.png", tmp_path / "b.png", "-l", "sky,grass", "-w", ckpt, "--out", out,
+                 "-t", "{}", *CPU_FP32)
+    assert result.exit_code == 0, result.output
+    assert f"wrote 2 masks and overlays to {out}/" in " ".join(result.stdout.split())
+    result = run("segment", tmp_path / "a.png", "-l", "sky,grass", "-w", ckpt, "--out", out, "-t", "{}", "--json",
+                 *CPU_FP32)
+    assert json.loads(result.stdout)[0]["mask"] == str(out / "a_mask.png")  # stdout stays pure JSON
+    assert f"wrote 1 mask and overlay to {out}/" in " ".join(result.stderr.split())
+
+
+def test_segment_windows_and_patch_size(openclip_ckpt, tmp_path):
+    """The small model has 16 px patches: a --window that is not a multiple is refused; an elongated image whose
+    windows are clipped to a non-multiple of 16 is padded and segmented."""
+    _, ckpt = openclip_ckpt
+    picture = tmp_path / "strip.png"
+    photo(400, 40, seed=2).save(picture)
+    line = one_line_error(run("segment", picture, "-l", "sky,grass", "-w", ckpt, "--window", 30, "--out", tmp_path))
+    assert line == "error: window 30 px (--window) is not a multiple of the model's 16 px patches; use 16 or 32"
+    result = run("segment", picture, "-l", "sky,grass", "-w", ckpt, "--out", tmp_path / "out", "-t", "{}", *CPU_FP32)
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "out" / "strip_mask.png").size == (400, 40)
+
+
+def test_write_errors_are_one_line(openclip_ckpt, tmp_path):
+    """An OSError while writing (here: a folder where the mask file should go) names the file, no traceback."""
+    _, ckpt = openclip_ckpt
+    picture = tmp_path / "scene.png"
+    photo(80, 60).save(picture)
+    out = tmp_path / "out"
+    (out / "scene_mask.png").mkdir(parents=True)
+    line = one_line_error(run("segment", picture, "-l", "sky,grass", "-w", ckpt, "--out", out, "-t", "{}", *CPU_FP32))
+    assert line == f"error: {out / 'scene_mask.png'}: Is a directory"
+
+
 def test_segment_errors(openclip_ckpt, tmp_path):
     _, ckpt = openclip_ckpt
     picture = tmp_path / "scene.png"
@@ -316,23 +414,65 @@ def synthetic(tmp_path_factory):
 
 
 def test_eval_commands_on_synthetic_layout(openclip_ckpt, synthetic, tmp_path):
+    from cosmos.device import resolve_precision
+
     _, ckpt = openclip_ckpt
     for task, sets, key in (("classification", ["classify_shape", "classify_colour"], "top1"),
                             ("retrieval", ["retrieval"], "i2t_R@1"),
                             ("segmentation", ["segment_shape", "segment_colour"], "mIoU")):
         out = tmp_path / f"{task}.json"
-        result = run("eval", task, "--synthetic", synthetic, "-w", ckpt, "--out", out, "--batch-size", 3)
+        result = run("eval", task, "--synthetic", synthetic, "-w", ckpt, "--out", out, "--batch-size", 3,
+                     "--device", "cpu")
         assert result.exit_code == 0, result.output
-        results = json.loads(out.read_text())["results"]
+        assert "per-class top-1" not in result.stdout and "per-class IoU" not in result.stdout  # only with --per-class
+        written = json.loads(out.read_text())
+        results = written["results"]
         assert sorted(results) == sorted(sets)
         for name in sets:
             assert 0.0 <= results[name][key] <= 1.0
+        # The settings record what ran: the device and the precision "auto" resolved to on it.
+        assert written["settings"]["device"] == "cpu"
+        assert written["settings"]["precision"] == resolve_precision("cpu", "auto") != "auto"
     classification = json.loads((tmp_path / "classification.json").read_text())["results"]
     assert classification["classify_colour"]["templates"] == "synth-colour"
     assert classification["classify_shape"]["images"] == 4
+    assert classification["classify_shape"]["top5"] is None  # 2 classes: top-5 would be trivially 100%
+    assert [c["class"] for c in classification["classify_colour"]["per_class"]] == ["blue", "green", "red"]
+    segmentation = json.loads((tmp_path / "segmentation.json").read_text())["results"]
+    assert [c["class"] for c in segmentation["segment_shape"]["per_class_iou"]] == ["background", "circle", "square"]
     retrieval = json.loads((tmp_path / "retrieval.json").read_text())["results"]["retrieval"]
     assert (retrieval["images"], retrieval["captions"]) == (4, 8)
     assert retrieval["i2t_R@10"] == 1.0 and retrieval["t2i_R@10"] == 1.0  # 8 captions, 4 images: always in top 10
+
+
+def test_eval_per_class_tables(openclip_ckpt, synthetic):
+    _, ckpt = openclip_ckpt
+    data = synthetic / "eval" / "classify_colour"
+    result = run("eval", "classification", "--data", data, "-w", ckpt, "-t", "a {} .", "--per-class", *CPU_FP32)
+    assert result.exit_code == 0, result.output
+    assert "per-class top-1" in result.stdout
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in result.stdout.splitlines() if "│" in line]
+    assert [row[:2] for row in cells if row[0] in ("0", "1", "2")] == [["0", "blue"], ["1", "green"], ["2", "red"]]
+    result = run("eval", "segmentation", "--data", synthetic / "eval" / "segment_shape", "-w", ckpt, "-t", "{}",
+                 "--per-class", *CPU_FP32)
+    assert result.exit_code == 0, result.output
+    assert "per-class IoU" in " ".join(result.stdout.split())
+
+
+def test_eval_checks_inputs_before_loading_the_model(synthetic, tmp_path):
+    """Wrong inputs are reported before the weights are read (here they do not even exist)."""
+    weights = tmp_path / "never-read.pt"
+    names = tmp_path / "names.txt"
+    names.write_text("a\nb\n")
+    for task in ("classification", "segmentation"):
+        line = one_line_error(run("eval", task, "--synthetic", synthetic, "--classnames", names, "-w", weights))
+        assert "--classnames applies to one --data set" in line
+    imagenet = tmp_path / "imagenet"
+    for wnid in ("n01440764", "n01443537"):
+        (imagenet / wnid).mkdir(parents=True)
+        photo(32, 32).save(imagenet / wnid / "0.png")
+    line = one_line_error(run("eval", "classification", "--data", imagenet, "-w", weights))
+    assert "class folders are WordNet ids (n01440764, n01443537, ...)" in line and "--classnames" in line
 
 
 def test_eval_errors(openclip_ckpt, synthetic, tmp_path):

@@ -18,12 +18,17 @@ from cosmos.zeroshot.segment import (
     confusion_matrix,
     evaluate_segmentation,
     iou_from_confusion,
+    overlay,
+    palette,
+    patch_padding,
     predict_mask,
     read_mask,
     read_segmentation_set,
     resized_shape,
     sliding_windows,
+    to_model_input,
     window_logits,
+    with_background,
 )
 
 
@@ -108,7 +113,6 @@ def test_variants_differ_from_each_other():
 
 def test_plain_dense_features_match_openclip_tokens(tmp_path):
     """`plain` dense features = OpenCLIP's patch tokens (after ln_post) @ proj, same weights."""
-    open_clip = pytest.importorskip("open_clip")
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     from cosmos.checkpoint import load
@@ -159,6 +163,123 @@ def test_protocol_sizes_scale_with_the_model():
     assert resized_shape(100, 10000, 336) == (20, 2048)  # mmseg's cap: long side <= 2048 for short side 336
     with pytest.raises(CosmosError, match="smaller than the 224 px window"):
         SegmentConfig(short_side=200).sizes(224)
+
+
+def test_long_side_cap_stays_2048_whatever_the_short_side():
+    """SCLIP resizes with scale (2048, 336): a larger --short-side does not move the 2048 px cap on the long side;
+    only the model's input size scales the whole protocol."""
+    assert resized_shape(100, 10000, 448) == (20, 2048)
+    assert SegmentConfig(short_side=448).long_cap(224) == 2048
+    assert SegmentConfig().long_cap(64) == round(2048 * 64 / 224)
+    segmenter = Segmenter(None, colour_classifier(), SegmentConfig(method="plain", short_side=448),
+                          dense=colour_features, image_size=224, patch_size=16)
+    assert segmenter.resized_shape(Image.new("RGB", (10000, 1000))) == (205, 2048)
+
+
+def test_resize_is_bilinear_without_antialiasing():
+    """A fine stripe pattern shrunk by 3: without antialiasing (cv2, SCLIP) bilinear sampling at half-pixel centres
+    keeps hard stripes; PIL's resize would average them to grey."""
+    pixels = np.zeros((90, 120, 3), np.uint8)
+    pixels[:, 1::3] = 255  # columns 1, 4, 7 ...: exactly the sampling points of a 3x reduction
+    image = Image.fromarray(pixels)
+    got = to_model_input(image, (30, 40))  # [3, 30, 40]
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float()
+    expected = F.interpolate(x, size=(30, 40), mode="bilinear", align_corners=False, antialias=False)[0] / 255
+    from cosmos.transforms import CLIP_MEAN, CLIP_STD
+
+    expected = (expected - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
+    torch.testing.assert_close(got, expected, atol=1.5 / 255 / min(CLIP_STD), rtol=0)
+    white = (1 - CLIP_MEAN[0]) / CLIP_STD[0]
+    assert (got[0] - white).abs().max() < 0.02  # the stripes survive: every sample is white, none is grey
+
+
+def test_window_must_be_a_patch_multiple():
+    assert SegmentConfig(window=224).sizes(224, 16) == (336, 224, 112)
+    with pytest.raises(CosmosError, match=r"window 200 px \(--window\) is not a multiple of the model's 16 px patches; "
+                                          r"use 192 or 208"):
+        SegmentConfig(window=200).sizes(224, 16)
+    with pytest.raises(CosmosError, match="not a multiple"):
+        Segmenter(small_model(), colour_classifier(), SegmentConfig(window=36, short_side=64))
+
+
+def test_patch_padding_is_split_evenly():
+    assert patch_padding(224, 224, 16) == (0, 0, 0, 0)
+    assert patch_padding(100, 224, 16) == (0, 0, 6, 6)
+    assert patch_padding(99, 37, 8) == (1, 2, 2, 3)  # (left, right, top, bottom): the odd pixel right / bottom
+
+
+def sclip_logits(model, x: torch.Tensor, queries: torch.Tensor, crop: int, stride: int, patch: int) -> torch.Tensor:
+    """SCLIP's forward_slide written out: windows one by one, each zero-padded evenly to a patch multiple, patch
+    logits upsampled to the padded window, cropped back, padded into an image-sized sum, divided by the count."""
+    _, h_img, w_img = x.shape
+    preds = torch.zeros(queries.shape[0], h_img, w_img)
+    count = torch.zeros(1, h_img, w_img)
+    h_grids = max(h_img - crop + stride - 1, 0) // stride + 1
+    w_grids = max(w_img - crop + stride - 1, 0) // stride + 1
+    for h_idx in range(h_grids):
+        for w_idx in range(w_grids):
+            y1, x1 = h_idx * stride, w_idx * stride
+            y2, x2 = min(y1 + crop, h_img), min(x1 + crop, w_img)
+            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+            img = x[None, :, y1:y2, x1:x2]
+            H, W = img.shape[-2:]
+            lr, tb = (patch - W % patch) % patch, (patch - H % patch) % patch
+            l, t = lr // 2, tb // 2
+            img = F.pad(img, (l, lr - l, t, tb - t))
+            feats = F.normalize(model.encode_dense(img, method="csa", normalize=False), dim=-1)  # [1, gh, gw, E]
+            logits = (feats @ queries.T).permute(0, 3, 1, 2)  # [1, Q, gh, gw]
+            logits = F.interpolate(logits, size=img.shape[-2:], mode="bilinear", align_corners=False)
+            logits = logits[:, :, t : t + H, l : l + W]
+            preds += F.pad(logits, (x1, w_img - x2, y1, h_img - y2))[0]
+            count[:, y1:y2, x1:x2] += 1
+    return preds / count
+
+
+@pytest.mark.parametrize("size", [(40, 1000), (30, 2000)])
+def test_windows_that_are_not_patch_multiples_are_padded(size):
+    """Very elongated images (the long-side cap pushes the short side below the window, to 12 and 4 px here) give
+    windows whose size is not a multiple of the patch size: padded like SCLIP, and the result equals its code."""
+    model = small_model()  # 32 px input, 8 px patches: short side 48, window 32, stride 16, long cap 293
+    classifier = ClassEmbeddings(F.normalize(torch.randn(3, 48), dim=-1), torch.arange(3), 3, [["a"], ["b"], ["c"]])
+    segmenter = Segmenter(model, classifier, SegmentConfig(method="csa", batch_size=3))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size, 3), dtype=np.uint8))
+    h, w = segmenter.resized_shape(image)
+    assert h % 8 or w % 8 or min(h, w) < 32
+    got = segmenter.logits(image)
+    with torch.no_grad():
+        expected = sclip_logits(model, to_model_input(image, (h, w)), classifier.embeddings, 32, 16, 8)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert segmenter(image).shape == size
+
+
+def test_bf16_dense_features_are_normalized_in_float32():
+    model = small_model()
+    classifier = ClassEmbeddings(F.normalize(torch.randn(2, 48), dim=-1), torch.arange(2), 2, [["a"], ["b"]])
+    segmenter = Segmenter(model, classifier, SegmentConfig(method="csa", precision="bf16"))
+    features = segmenter.dense(torch.randn(2, 3, 32, 32))
+    assert features.dtype == torch.float32
+    torch.testing.assert_close(features.norm(dim=-1), torch.ones(2, 4, 4), atol=1e-6, rtol=0)
+
+
+def test_config_is_checked_when_made():
+    with pytest.raises(CosmosError, match="choose --method plain, csa, clearclip or maskclip"):
+        SegmentConfig(method="nope")
+    with pytest.raises(CosmosError, match="--bg-threshold must be a probability"):
+        SegmentConfig(bg_threshold=1.5)
+    with pytest.raises(CosmosError, match="--precision"):
+        SegmentConfig(precision="fp16")
+
+
+def test_with_background():
+    assert with_background([["cat"], ["dog"]], None) == ([["cat"], ["dog"]], ["cat", "dog"], None)
+    # A threshold: the class named background, else a prompt-less one put first.
+    assert with_background([["cat"], ["background"]], 0.5) == ([["cat"], ["background"]], ["cat", "background"], 1)
+    assert with_background([["cat"]], 0.5) == ([[], ["cat"]], ["background", "cat"], 0)
+    # Datasets: class 0 by convention, prompted or not.
+    assert with_background([["sky"], ["cat"]], 0.5, index=0) == ([["sky"], ["cat"]], ["sky", "cat"], 0)
+    assert with_background([["sky"], ["cat"]], 0.5, index=0, prompt=False) == ([[], ["cat"]], ["sky", "cat"], 0)
+    with pytest.raises(CosmosError, match="needs --bg-threshold"):
+        with_background([["sky"], ["cat"]], None, index=0, prompt=False)
 
 
 @pytest.mark.parametrize("n_out,n_in", [(768, 336), (37, 5), (5, 37), (336, 336), (1, 4), (9, 1)])
@@ -222,7 +343,7 @@ def crafted_scene(width: int = 448, height: int = 336) -> Image.Image:
 
 def test_crafted_scene_gives_the_expected_mask():
     segmenter = Segmenter(None, colour_classifier(), SegmentConfig(method="plain", batch_size=4),
-                          dense=colour_features, image_size=224)
+                          dense=colour_features, image_size=224, patch_size=16)
     image = crafted_scene()
     assert (segmenter.short_side, segmenter.window, segmenter.stride) == (336, 224, 112)
     assert segmenter.count_windows(image) == 2 * 3
@@ -254,9 +375,11 @@ def test_crafted_dataset_miou(tmp_path):
     dataset = read_segmentation_set(root)
     assert dataset.classnames_file == root / "classnames.txt" and len(dataset.images) == 2
     segmenter = Segmenter(None, colour_classifier(), SegmentConfig(method="plain"), dense=colour_features,
-                          image_size=224)
+                          image_size=224, patch_size=16)
     result = evaluate_segmentation(segmenter, dataset, ["red", "blue", "green"])
-    assert result["per_class_iou"] == {"red": 0.5, "blue": 1.0, "green": 0.0}
+    assert result["per_class_iou"] == [{"index": 0, "class": "red", "iou": 0.5},
+                                       {"index": 1, "class": "blue", "iou": 1.0},
+                                       {"index": 2, "class": "green", "iou": 0.0}]
     assert result["mIoU"] == pytest.approx(0.5)
     assert result["pixel_accuracy"] == pytest.approx((112 + 224) / 448)
 
@@ -269,7 +392,7 @@ def test_background_threshold_on_the_crafted_scene():
     classifier = colour_classifier()
     classifier = ClassEmbeddings(classifier.embeddings[:2], torch.tensor([1, 2]), 3, [[], ["red"], ["blue"]])
     segmenter = Segmenter(None, classifier, SegmentConfig(method="plain", logit_scale=5.0, bg_threshold=0.9),
-                          background_index=0, dense=colour_features, image_size=224)
+                          background_index=0, dense=colour_features, image_size=224, patch_size=16)
     mask = segmenter(image)
     assert (mask[:, 100:124] == 0).all()  # the stripe
     assert (mask[:, :80] == 1).all() and (mask[:, 240:] == 2).all()
@@ -285,7 +408,7 @@ def test_large_image_accumulates_at_the_resized_size():
         return colour_features(windows)
 
     segmenter = Segmenter(None, colour_classifier(), SegmentConfig(method="plain", batch_size=3), dense=dense,
-                          image_size=224)
+                          image_size=224, patch_size=16)
     image = crafted_scene(3000, 2000)
     logits = segmenter.logits(image)
     assert logits.shape == (3, 336, 504)
@@ -295,6 +418,60 @@ def test_large_image_accumulates_at_the_resized_size():
     # The colour edge at x = 1500 falls inside a patch at the resized size (x = 252): a transition of a patch or so.
     assert mask.shape == (2000, 3000) and (mask[:, :1300] == 0).all() and (mask[:, 1700:] == 1).all()
     assert 1400 < int((mask[0] == 1).nonzero()[0]) < 1600
+
+
+def test_duplicate_titles_keep_their_own_iou(tmp_path):
+    """Two classes with the same title (ImageNet-style duplicates) get one IoU entry each."""
+    root = tmp_path / "seg"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    crafted_scene().save(root / "images" / "a.png")
+    truth = np.zeros((336, 448), np.uint8)
+    truth[:, 224:] = 1
+    Image.fromarray(truth, "L").save(root / "masks" / "a.png")
+    segmenter = Segmenter(None, colour_classifier(), SegmentConfig(method="plain"), dense=colour_features,
+                          image_size=224, patch_size=16)
+    result = evaluate_segmentation(segmenter, read_segmentation_set(root), ["colour", "colour", "green"])
+    assert [(r["class"], r["iou"]) for r in result["per_class_iou"]] == [("colour", 1.0), ("colour", 1.0),
+                                                                          ("green", None)]
+
+
+def test_window_logits_upsample_one_window_at_a_time(monkeypatch):
+    """Memory: logits are upsampled per window ([1, Q, 224, 224]), never for a whole batch of windows."""
+    shapes = []
+    interpolate = F.interpolate
+
+    def spy(x, *args, **kwargs):
+        out = interpolate(x, *args, **kwargs)
+        shapes.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "interpolate", spy)
+    segmenter = Segmenter(None, colour_classifier(), SegmentConfig(method="plain", batch_size=4), dense=colour_features,
+                          image_size=224, patch_size=16)
+    segmenter.logits(crafted_scene(900, 600))  # resized to 336 x 504: 2 x 4 windows, batches of 4
+    window_calls = [shape for shape in shapes if shape[-2:] == (224, 224)]
+    assert len(window_calls) == 8 and all(shape[0] == 1 for shape in window_calls)
+
+
+def test_overlay_blends_in_8_bit():
+    """The overlay is Image.blend of the image and the palette-coloured mask, and allocates no float or int64 copy
+    of the picture (tracemalloc sees NumPy's buffers)."""
+    import tracemalloc
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (600, 800, 3), dtype=np.uint8))
+    mask = torch.zeros(600, 800, dtype=torch.long)
+    mask[:, 400:] = 2
+    tracemalloc.start()
+    picture = overlay(image, mask, ["a", "b", "c"])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 600 * 800 * 3  # less than one uint8 copy of the picture through NumPy
+    assert picture.size[0] == 800 and picture.size[1] > 600
+    colours = Image.new("RGB", (800, 600), palette()[0])
+    colours.paste(palette()[2], (400, 0, 800, 600))
+    expected = Image.blend(image, colours, 0.5)
+    assert np.array_equal(np.asarray(picture.crop((0, 0, 800, 600))), np.asarray(expected))
 
 
 def test_window_logits_average_overlaps():
@@ -342,16 +519,23 @@ def test_dataset_layouts_and_errors(tmp_path):
     voc = tmp_path / "voc"
     (voc / "JPEGImages").mkdir(parents=True)
     (voc / "SegmentationClass").mkdir()
-    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
     for stem in ("2007_000001", "2007_000002"):
         Image.new("RGB", (8, 8)).save(voc / "JPEGImages" / f"{stem}.jpg")
         Image.new("P", (8, 8)).save(voc / "SegmentationClass" / f"{stem}.png")
+    assert [p.stem for p in read_segmentation_set(voc).images] == ["2007_000001", "2007_000002"]  # no split files
+    with pytest.raises(CosmosError, match=r"val.txt: split file not found \(this folder has no split files\)"):
+        read_segmentation_set(voc, split="val")
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
     (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("2007_000002\n")
-    assert [p.stem for p in read_segmentation_set(voc).images] == ["2007_000001", "2007_000002"]
-    assert [p.stem for p in read_segmentation_set(voc, split="val").images] == ["2007_000002"]
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000001\n")
+    default = read_segmentation_set(voc)  # VOC's masks folder holds train and val: val by default
+    assert [p.stem for p in default.images] == ["2007_000002"] and default.split == "val"
+    assert [p.stem for p in read_segmentation_set(voc, split="train").images] == ["2007_000001"]
     assert read_segmentation_set(voc).classnames_file is None
-    with pytest.raises(CosmosError, match="split file not found"):
-        read_segmentation_set(voc, split="train")
+    with pytest.raises(CosmosError, match=r"trainval.txt: split file not found \(splits present: train, val\)"):
+        read_segmentation_set(voc, split="trainval")
+    for split_file in (voc / "ImageSets" / "Segmentation").iterdir():  # without split files: every mask
+        split_file.unlink()
     Image.new("P", (8, 8)).save(voc / "SegmentationClass" / "orphan.png")
     with pytest.raises(CosmosError, match="orphan.png: no image with the same name"):
         read_segmentation_set(voc)

@@ -5,7 +5,10 @@ from .classify import (
     class_logits,
     classify_images,
     encode_images,
+    encode_texts,
     evaluate_classification,
+    folder_classes,
+    image_batches,
     per_class_accuracy,
     rank_of_target,
     read_image_folder,
@@ -15,6 +18,7 @@ from .retrieval import RetrievalSet, evaluate_retrieval, load_retrieval_set, rec
 from .segment import (
     SegmentConfig,
     Segmenter,
+    class_titles,
     confusion_matrix,
     evaluate_segmentation,
     iou_from_confusion,
@@ -25,14 +29,16 @@ from .segment import (
     save_mask,
     sliding_windows,
     window_logits,
+    with_background,
 )
 from .templates import OPENAI_TEMPLATES, SIMPLE_TEMPLATES, SYNTH_TEMPLATES, parse_labels, read_classnames, resolve_templates
 
 __all__ = [
     "ClassEmbeddings", "build_class_embeddings", "class_logits", "classify_images", "encode_images",
-    "evaluate_classification", "per_class_accuracy", "rank_of_target", "read_image_folder", "topk_accuracy",
+    "encode_texts", "evaluate_classification", "folder_classes", "image_batches", "per_class_accuracy", "rank_of_target", "read_image_folder", "topk_accuracy",
     "RetrievalSet", "evaluate_retrieval", "load_retrieval_set", "recall_at_k", "retrieval_ranks",
-    "SegmentConfig", "Segmenter", "confusion_matrix", "evaluate_segmentation", "iou_from_confusion", "overlay",
+    "SegmentConfig", "Segmenter", "class_titles", "confusion_matrix", "evaluate_segmentation", "iou_from_confusion", "overlay",
     "pixel_shares", "predict_mask", "read_segmentation_set", "save_mask", "sliding_windows", "window_logits",
+    "with_background",
     "OPENAI_TEMPLATES", "SIMPLE_TEMPLATES", "SYNTH_TEMPLATES", "parse_labels", "read_classnames", "resolve_templates",
 ]

@@ -10,9 +10,10 @@ class the same score is therefore never right, instead of "right" by index order
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,26 @@ def normalize_classes(classes: Sequence[str] | Sequence[Sequence[str]]) -> list[
 
 
 @torch.no_grad()
+def encode_texts(
+    model, tokenizer, texts: Sequence[str], batch_size: int = 256, precision: str = "fp32",
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Texts -> L2-normalized float32 text embeddings [M, E], in batches; `progress(n)` after each batch of n.
+
+    The features are normalized in float32 after autocast, so bf16 runs still give unit vectors to fp32 precision."""
+    device = model_device(model)
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer(list(texts[start : start + batch_size])).to(device)  # [b, L]
+        with autocast(device, precision):
+            features = model.encode_text(tokens)  # [b, E]
+        chunks.append(F.normalize(features.float(), dim=-1))
+        if progress:
+            progress(len(tokens))
+    return torch.cat(chunks)  # [M, E]
+
+
+@torch.no_grad()
 def build_class_embeddings(
     model,
     tokenizer,
@@ -77,15 +98,16 @@ def build_class_embeddings(
         embed_dim = getattr(model, "embed_dim", 1)
         return ClassEmbeddings(torch.zeros(0, embed_dim, device=device), owner, len(classes), classes)
     prompts = [template.format(name) for name in names for template in templates]
-    chunks = []
-    for start in range(0, len(prompts), batch_size):
-        tokens = tokenizer(prompts[start : start + batch_size]).to(device)  # [b, L]
-        with autocast(device, precision):
-            features = model.encode_text(tokens)  # [b, E]
-        chunks.append(F.normalize(features.float(), dim=-1))
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
         if progress:
-            progress(min(start + batch_size, len(prompts)), len(prompts))
-    per_prompt = torch.cat(chunks).reshape(len(names), len(templates), -1)  # [Q, T, E]
+            progress(done, len(prompts))
+
+    per_prompt = encode_texts(model, tokenizer, prompts, batch_size, precision, step)  # [Q * T, E]
+    per_prompt = per_prompt.reshape(len(names), len(templates), -1)  # [Q, T, E]
     embeddings = F.normalize(per_prompt.mean(dim=1), dim=-1)  # [Q, E]
     return ClassEmbeddings(embeddings, owner.to(device), len(classes), classes)
 
@@ -168,8 +190,34 @@ def read_image_folder(root: str | Path) -> ImageFolderSet:
     return ImageFolderSet(root, paths, targets, folders)
 
 
+WORDNET_ID = re.compile(r"n\d{8}")
+
+
+def folder_classes(dataset: ImageFolderSet, classes: Sequence[str] | Sequence[Sequence[str]] | None = None) -> list[list[str]]:
+    """The class names of an ImageFolder: `classes` (one entry per sorted folder), or the folder names with '_'
+    read as a space. Folders named by WordNet id (ImageNet's n01440764 ...) would make meaningless prompts, so
+    they need explicit class names."""
+    if classes is None:
+        wnids = [folder for folder in dataset.folders if WORDNET_ID.fullmatch(folder)]
+        if wnids:
+            raise CosmosError(
+                f"{dataset.root}: class folders are WordNet ids ({', '.join(wnids[:3])}, ...), not names to prompt "
+                "with; give the class names with --classnames F (one per line, in sorted folder order)"
+            )
+        return [[folder.replace("_", " ")] for folder in dataset.folders]
+    classes = normalize_classes(classes)
+    if len(classes) != len(dataset.folders):
+        raise CosmosError(
+            f"{dataset.root}: {len(classes)} class names for {len(dataset.folders)} class folders; "
+            "give one name per folder, in sorted folder order"
+        )
+    return classes
+
+
+# Loading images in batches: an unreadable file is reported by index (worker processes included) instead of a
+# worker traceback; the main process either skips it through `on_error` or raises one CosmosError line.
 class _ImageDataset(torch.utils.data.Dataset):
-    """Paths -> preprocessed tensors; an unreadable file raises CosmosError naming it."""
+    """Index -> (index, preprocessed tensor [3, S, S]) or (index, error message) for a file that cannot be read."""
 
     def __init__(self, paths: Sequence[Path], preprocess: Callable):
         self.paths, self.preprocess = list(paths), preprocess
@@ -177,16 +225,44 @@ class _ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.preprocess(open_image(self.paths[index]))  # [3, S, S]
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
+        try:
+            return index, self.preprocess(open_image(self.paths[index]))  # [3, S, S]
+        except CosmosError as e:
+            return index, str(e)
+        except OSError as e:
+            return index, f"{self.paths[index]}: cannot read ({e.strerror or e})"
 
 
-def image_batches(paths: Sequence[Path], preprocess: Callable, batch_size: int, workers: int = 0):
-    """Yield preprocessed image batches [b, 3, S, S] in order."""
+def _collate(items: list[tuple[int, torch.Tensor | str]]):
+    """-> (indices of the readable images, their tensors stacked [b, 3, S, S] or None, [(index, error), ...])."""
+    good = [(i, x) for i, x in items if not isinstance(x, str)]
+    errors = [(i, x) for i, x in items if isinstance(x, str)]
+    images = torch.stack([x for _, x in good]) if good else None  # [b, 3, S, S]
+    return [i for i, _ in good], images, errors
+
+
+def image_batches(
+    paths: Sequence[Path],
+    preprocess: Callable,
+    batch_size: int,
+    workers: int = 0,
+    on_error: Callable[[int, str], None] | None = None,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield (indices, preprocessed images [b, 3, S, S]) in order, one batch at a time (only one batch per worker
+    is ever decoded ahead). An unreadable file: `on_error(index, message)` and skipped, or without `on_error` a
+    CosmosError naming it."""
     loader = torch.utils.data.DataLoader(
-        _ImageDataset(paths, preprocess), batch_size=batch_size, shuffle=False, num_workers=workers
+        _ImageDataset(paths, preprocess), batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=_collate, prefetch_factor=1 if workers else None,
     )
-    yield from loader
+    for indices, images, errors in loader:
+        for index, message in errors:
+            if on_error is None:
+                raise CosmosError(message)
+            on_error(index, message)
+        if images is not None:
+            yield indices, images
 
 
 @torch.no_grad()
@@ -194,7 +270,7 @@ def evaluate_classification(
     model,
     preprocess: Callable,
     tokenizer,
-    data: str | Path,
+    data: str | Path | ImageFolderSet,
     classes: Sequence[str] | Sequence[Sequence[str]] | None = None,
     templates: str | Sequence[str] = "openai",
     batch_size: int = 64,
@@ -204,37 +280,37 @@ def evaluate_classification(
 ) -> dict:
     """Top-1, top-5 and per-class top-1 accuracy of zero-shot classification on an ImageFolder.
 
-    `classes`: one entry per sorted class folder (default: the folder names, '_' read as a space).
+    `data`: the folder or an ImageFolderSet from read_image_folder. `classes`: one entry per sorted class folder
+    (default: the folder names, see folder_classes). Top-k is None when there are no more than k classes (it
+    would be trivially 1). Per-class results are a list in folder order, so two classes of the same name stay
+    apart.
     """
-    dataset = read_image_folder(data)
-    if classes is None:
-        classes = [[folder.replace("_", " ")] for folder in dataset.folders]
-    classes = normalize_classes(classes)
-    if len(classes) != len(dataset.folders):
-        raise CosmosError(
-            f"{dataset.root}: {len(classes)} class names for {len(dataset.folders)} class folders; "
-            "give one name per folder, in sorted folder order"
-        )
+    dataset = data if isinstance(data, ImageFolderSet) else read_image_folder(data)
+    classes = folder_classes(dataset, classes)
     classifier = build_class_embeddings(model, tokenizer, classes, templates, precision=precision, progress=progress)
     scores = []
     done, total = 0, len(dataset.paths)
-    for images in image_batches(dataset.paths, preprocess, batch_size, workers):
+    for _, images in image_batches(dataset.paths, preprocess, batch_size, workers):
         scores.append(class_logits(model, encode_images(model, images, precision), classifier).cpu())  # [b, C]
         done += len(images)
         if progress:
             progress(done, total)
     scores = torch.cat(scores)  # [N, C]
     targets = torch.tensor(dataset.targets, dtype=torch.long)  # [N]
-    accuracy = topk_accuracy(scores, targets, (1, 5))  # with fewer than 5 classes top-5 is trivially 1
+    accuracy = topk_accuracy(scores, targets, (1, 5))
     per_class = per_class_accuracy(scores, targets, len(classes))
+    counts = torch.bincount(targets, minlength=len(classes)).tolist()
     return {
         "task": "classification",
         "data": str(dataset.root),
         "images": total,
         "classes": len(classes),
-        "top1": accuracy[1],
-        "top5": accuracy[5],
-        "per_class": {"/".join(names): acc for names, acc in zip(classes, per_class)},
+        "top1": accuracy[1] if len(classes) > 1 else None,
+        "top5": accuracy[5] if len(classes) > 5 else None,
+        "per_class": [
+            {"index": i, "folder": folder, "class": "/".join(names), "images": n, "top1": acc}
+            for i, (folder, names, n, acc) in enumerate(zip(dataset.folders, classes, counts, per_class))
+        ],
         "mean_per_class": _mean([a for a in per_class if a is not None]),
     }
 

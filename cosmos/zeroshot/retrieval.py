@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from ..device import autocast
 from ..errors import CosmosError
-from .classify import Progress, encode_images, image_batches, model_device
+from .classify import Progress, encode_images, encode_texts, image_batches
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,22 +156,6 @@ def load_retrieval_set(path: str | Path, images: str | Path | None = None, split
 # 3. Evaluation
 # ---------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 256, precision: str = "fp32",
-                 progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Captions -> L2-normalized float32 text embeddings [M, E]."""
-    device = model_device(model)
-    chunks = []
-    for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(list(texts[start : start + batch_size])).to(device)  # [b, L]
-        with autocast(device, precision):
-            features = model.encode_text(tokens)  # [b, E]
-        chunks.append(F.normalize(features.float(), dim=-1))
-        if progress:
-            progress(len(tokens))
-    return torch.cat(chunks)
-
-
-@torch.no_grad()
 def evaluate_retrieval(
     model,
     preprocess: Callable,
@@ -195,7 +177,7 @@ def evaluate_retrieval(
             progress(done, total)
 
     image_chunks = []
-    for images in image_batches(dataset.image_paths, preprocess, batch_size, workers):
+    for _, images in image_batches(dataset.image_paths, preprocess, batch_size, workers):
         image_chunks.append(encode_images(model, images, precision))  # [b, E]
         step(len(images))
     image_features = torch.cat(image_chunks)  # [N, E]

@@ -2,13 +2,18 @@
 
 The protocol, in order:
 1. Class embeddings from a prompt ensemble, one per class NAME ("person;people" = two names, max over names).
-2. Resize the image so its short side is 336 px (mmseg's keep-ratio rule with a 2048 px cap on the long side).
-3. Slide windows of 224 px with stride 112 over it; each window gives dense features from the last block
-   (plain, CSA, ClearCLIP or MaskCLIP, see cosmos/model/transformer.py) -> ln_post -> proj -> L2 normalize,
-   and per-name cosine logits at patch resolution, bilinearly upsampled to the window. Overlapping windows
-   are averaged into an accumulator of the RESIZED image size (small, whatever the photo's size).
-   For a model whose input size is not 224, all three sizes scale with it: window = image_size,
-   stride = window / 2, short side = 336 * image_size / 224.
+2. Resize the image so its short side is 336 px, unless its long side would then exceed 2048 px (mmseg's
+   keep-ratio Resize with scale (2048, 336)). Bilinear, half-pixel centres, no antialiasing, on the 8-bit image,
+   as cv2.resize does in mmseg.
+3. Slide windows of 224 px with stride 112 over it (the last row / column moved back to end at the edge; an image
+   smaller than the window gets one clipped window on that axis). A window whose size is not a multiple of the
+   patch size is zero-padded evenly on both sides (SCLIP's compute_padsize) and its logits are cropped back.
+   Each window gives dense features from the last block (plain, CSA, ClearCLIP or MaskCLIP, see
+   cosmos/model/transformer.py) -> ln_post -> proj -> L2 normalize, and per-name cosine logits at patch
+   resolution, bilinearly upsampled to the window ONE window at a time. Overlapping windows are averaged into an
+   accumulator of the RESIZED image size (small, whatever the photo's size).
+   For a model whose input size is not 224, all these sizes scale with it: window = image_size,
+   stride = window / 2, short side = 336 * image_size / 224, long-side cap = 2048 * image_size / 224.
 4. Bilinear upsample to the original image, x logit scale (40), softmax over names, max over each class's
    names, optional background threshold (pixels whose best probability is below it become background),
    argmax. Step 4 runs in bands of rows, so a large photo never holds a [classes, H, W] tensor at once.
@@ -17,7 +22,6 @@ the classes that occur in ground truth or prediction.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -34,16 +38,18 @@ from ..transforms import CLIP_MEAN, CLIP_STD
 from .classify import ClassEmbeddings, Progress, model_device
 
 IGNORE_INDEX = 255
-REFERENCE_INPUT, REFERENCE_SHORT_SIDE = 224, 336  # SCLIP's window and short side for a 224 px model
+REFERENCE_INPUT, REFERENCE_SHORT_SIDE, REFERENCE_LONG_SIDE = 224, 336, 2048  # SCLIP's sizes for a 224 px model
 METHODS = ("plain", "csa", "clearclip", "maskclip")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 1. Protocol sizes and the sliding windows
+# 1. Protocol sizes, background class and the sliding windows
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class SegmentConfig:
-    """The protocol's options; None sizes are derived from the model's input size (see the module docstring)."""
+    """The protocol's options; None sizes are derived from the model's input size (see the module docstring).
+    Invalid values raise CosmosError when the config is made, before any model is loaded."""
 
     method: str = "csa"
     short_side: int | None = None
@@ -53,10 +59,27 @@ class SegmentConfig:
     bg_threshold: float | None = None
     batch_size: int = 16
     precision: str = "fp32"
+    long_side: int | None = None
 
-    def sizes(self, image_size: int) -> tuple[int, int, int]:
-        """(short side, window, stride) for a model with input size `image_size`."""
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise CosmosError(f"unknown segmentation method {self.method!r}; choose --method "
+                              f"{', '.join(METHODS[:-1])} or {METHODS[-1]}")
+        if self.bg_threshold is not None and not 0 <= self.bg_threshold <= 1:
+            raise CosmosError(f"--bg-threshold must be a probability between 0 and 1, got {self.bg_threshold}")
+        if self.precision not in PRECISIONS:
+            raise CosmosError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.batch_size < 1:
+            raise CosmosError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+    def sizes(self, image_size: int, patch_size: int = 1) -> tuple[int, int, int]:
+        """(short side, window, stride) for a model with input size `image_size` and patches of `patch_size`."""
         window = self.window or image_size
+        if window % patch_size:
+            low, high = window // patch_size * patch_size, (window // patch_size + 1) * patch_size
+            choices = f"{low} or {high}" if low else str(high)
+            raise CosmosError(f"window {window} px (--window) is not a multiple of the model's {patch_size} px "
+                              f"patches; use {choices}")
         stride = self.stride or max(1, window // 2)
         short = self.short_side or round(REFERENCE_SHORT_SIDE * image_size / REFERENCE_INPUT)
         if short < window:
@@ -65,10 +88,45 @@ class SegmentConfig:
             raise CosmosError(f"stride {stride} is larger than the window {window}; windows would leave gaps")
         return short, window, stride
 
+    def long_cap(self, image_size: int) -> int:
+        """The long-side cap of the resize: 2048 px for a 224 px model, whatever the short side (as SCLIP)."""
+        return self.long_side or round(REFERENCE_LONG_SIDE * image_size / REFERENCE_INPUT)
 
-def resized_shape(height: int, width: int, short_side: int, long_cap_ratio: float = 2048 / 336) -> tuple[int, int]:
-    """Keep-ratio resize: short side -> short_side, unless the long side would exceed short_side * 2048/336."""
-    scale = min(short_side / min(height, width), short_side * long_cap_ratio / max(height, width))
+
+def with_background(
+    classes: Sequence[Sequence[str]], bg_threshold: float | None, index: int | None = None, prompt: bool = True
+) -> tuple[list[list[str]], list[str], int | None]:
+    """Where thresholded pixels go -> (classes to prompt, a title per class, background index or None).
+
+    With a threshold the background is class `index` (datasets: 0 by convention) or, when `index` is None, the
+    class named 'background', or else a new prompt-less 'background' class put first (index 0, as in VOC masks).
+    `prompt=False` keeps the background class out of the prompts: only the threshold assigns it."""
+    classes = [list(names) for names in classes]
+    if bg_threshold is None:
+        if not prompt:
+            raise CosmosError("an unprompted background (--no-bg-prompt) needs --bg-threshold: it could never be predicted "
+                              "otherwise")
+        return classes, class_titles(classes), None
+    if index is None:
+        index = next((i for i, names in enumerate(classes) if names and names[0].lower() == "background"), None)
+        if index is None:
+            classes, index = [[]] + classes, 0
+    if not 0 <= index < len(classes):
+        raise CosmosError(f"background class {index} does not exist: there are {len(classes)} classes")
+    titles = class_titles(classes)
+    if not prompt:
+        classes[index] = []
+    return classes, titles, index
+
+
+def class_titles(classes: Sequence[Sequence[str]]) -> list[str]:
+    """A display name per class: its names joined by ';', 'background' for a prompt-less class."""
+    return [";".join(names) if names else "background" for names in classes]
+
+
+def resized_shape(height: int, width: int, short_side: int, long_side: int = REFERENCE_LONG_SIDE) -> tuple[int, int]:
+    """Keep-ratio resize (mmseg's rule): the short side -> short_side, unless the long side would exceed long_side."""
+    scale = min(short_side / min(height, width), long_side / max(height, width))
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
@@ -87,6 +145,13 @@ def sliding_windows(height: int, width: int, window: int, stride: int) -> list[t
     return boxes
 
 
+def patch_padding(height: int, width: int, patch_size: int) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding that makes a crop a multiple of the patch size, split evenly
+    (the odd pixel on the right / bottom), as SCLIP's compute_padsize."""
+    pad_w, pad_h = -width % patch_size, -height % patch_size
+    return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Window logits, averaged over overlaps at the resized size
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,9 +159,12 @@ DenseFn = Callable[[torch.Tensor], torch.Tensor]  # windows [b, 3, w, w] -> norm
 
 
 def to_model_input(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
-    """PIL RGB -> resized (bilinear) and CLIP-normalized tensor [3, h, w]."""
-    resized = image.resize((size[1], size[0]), Image.BILINEAR)
-    x = torch.from_numpy(np.asarray(resized, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0  # [3, h, w]
+    """PIL RGB -> resized and CLIP-normalized tensor [3, h, w]. The resize is bilinear with half-pixel centres and
+    no antialiasing, on the 8-bit image (like cv2.resize in SCLIP's mmseg pipeline, unlike PIL's resize)."""
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)[None]  # [1, 3, H, W] uint8
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)  # [1, 3, h, w]
+    x = x[0].float() / 255.0  # [3, h, w]
     mean = torch.tensor(CLIP_MEAN)[:, None, None]
     std = torch.tensor(CLIP_STD)[:, None, None]
     return (x - mean) / std
@@ -111,11 +179,13 @@ def window_logits(
     stride: int,
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
+    patch_size: int = 1,
 ) -> torch.Tensor:
     """Average of the per-window cosine logits: image [3, H, W], queries [Q, E] -> [Q, H, W] (float32).
 
-    Each window's patch logits [Q, gh, gw] are bilinearly upsampled to the window and added into the
-    accumulator; windows run through `dense` in batches of `batch_size`.
+    Windows run through `dense` in batches of `batch_size`, each zero-padded to a multiple of `patch_size`
+    (see patch_padding); each window's patch logits [Q, gh, gw] are then bilinearly upsampled to its padded size
+    on their own (never a whole batch at window resolution), cropped back and added into the accumulator.
     """
     _, height, width = image.shape
     boxes = sliding_windows(height, width, window, stride)
@@ -125,11 +195,15 @@ def window_logits(
     for start in range(0, len(boxes), batch_size):
         batch = boxes[start : start + batch_size]
         crops = torch.stack([image[:, t:b, l:r] for t, l, b, r in batch]).to(device)  # [b, 3, wh, ww]
+        crop_h, crop_w = crops.shape[-2:]
+        left, right, top, bottom = patch_padding(crop_h, crop_w, patch_size)
+        if left or right or top or bottom:
+            crops = F.pad(crops, (left, right, top, bottom))  # [b, 3, ph, pw], zeros = the mean colour
         features = dense(crops).float()  # [b, gh, gw, E]
         logits = torch.einsum("bhwe,qe->bqhw", features, queries)  # [b, Q, gh, gw]
-        logits = F.interpolate(logits, size=crops.shape[-2:], mode="bilinear", align_corners=False)  # [b, Q, wh, ww]
         for (t, l, b, r), window_logit in zip(batch, logits):
-            total[:, t:b, l:r] += window_logit
+            up = F.interpolate(window_logit[None], size=crops.shape[-2:], mode="bilinear", align_corners=False)
+            total[:, t:b, l:r] += up[0, :, top : top + crop_h, left : left + crop_w]  # [Q, wh, ww]
             count[:, t:b, l:r] += 1
         if progress:
             progress(start + len(batch), len(boxes))
@@ -187,7 +261,8 @@ def predict_mask(
 # 4. The segmenter: one image in, one index mask out
 # ---------------------------------------------------------------------------------------------------------------
 class Segmenter:
-    """Zero-shot segmentation of PIL images with a model (or a hand-made `dense` function and `image_size`)."""
+    """Zero-shot segmentation of PIL images with a model (or a hand-made `dense` function, `image_size` and
+    `patch_size`)."""
 
     def __init__(
         self,
@@ -197,10 +272,9 @@ class Segmenter:
         background_index: int | None = None,
         dense: DenseFn | None = None,
         image_size: int | None = None,
+        patch_size: int | None = None,
     ):
         self.config = config or SegmentConfig()
-        if self.config.method not in METHODS:
-            raise CosmosError(f"unknown segmentation method {self.config.method!r}; choose one of {', '.join(METHODS)}")
         if classifier.embeddings.shape[0] == 0:
             raise CosmosError("no class has a name to prompt; give at least one label")
         if self.config.bg_threshold is not None and background_index is None:
@@ -208,20 +282,28 @@ class Segmenter:
         self.classifier, self.background_index = classifier, background_index
         self.model = model
         self.image_size = image_size or model.image_size
-        self.short_side, self.window, self.stride = self.config.sizes(self.image_size)
+        self.patch_size = patch_size or (model.patch_size if model is not None else 1)
+        self.short_side, self.window, self.stride = self.config.sizes(self.image_size, self.patch_size)
+        self.long_side = self.config.long_cap(self.image_size)
         self.dense = dense or self._model_dense
 
     def _model_dense(self, windows: torch.Tensor) -> torch.Tensor:
+        """Normalized dense features [b, gh, gw, E] in float32: the L2 normalization runs after autocast, so
+        bf16 features still give unit vectors to float32 precision."""
         device = model_device(self.model)
         with autocast(device, self.config.precision):
-            return self.model.encode_dense(windows.to(device), method=self.config.method, normalize=True)
+            features = self.model.encode_dense(windows.to(device), method=self.config.method, normalize=False)
+        return F.normalize(features.float(), dim=-1)  # [b, gh, gw, E]
+
+    def resized_shape(self, image: Image.Image) -> tuple[int, int]:
+        return resized_shape(image.height, image.width, self.short_side, self.long_side)
 
     def logits(self, image: Image.Image, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Window-averaged per-name cosine logits [Q, h, w] at the resized size."""
-        size = resized_shape(image.height, image.width, self.short_side)
-        x = to_model_input(image, size)  # [3, h, w]
+        x = to_model_input(image, self.resized_shape(image))  # [3, h, w]
         queries = self.classifier.embeddings.float()  # [Q, E]
-        return window_logits(self.dense, x, queries, self.window, self.stride, self.config.batch_size, progress)
+        return window_logits(self.dense, x, queries, self.window, self.stride, self.config.batch_size, progress,
+                             self.patch_size)
 
     def __call__(self, image: Image.Image, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """Class index mask [H, W] (long) at the image's own size."""
@@ -231,8 +313,7 @@ class Segmenter:
         )
 
     def count_windows(self, image: Image.Image) -> int:
-        h, w = resized_shape(image.height, image.width, self.short_side)
-        return len(sliding_windows(h, w, self.window, self.stride))
+        return len(sliding_windows(*self.resized_shape(image), self.window, self.stride))
 
 
 def pixel_shares(mask: torch.Tensor, num_classes: int) -> list[float]:
@@ -277,11 +358,12 @@ def _font(size: int):
 
 def overlay(image: Image.Image, mask: torch.Tensor, titles: Sequence[str], alpha: float = 0.5) -> Image.Image:
     """The image blended with the class colours, and a legend strip below it naming the classes present
-    (largest first) with their pixel share."""
-    colours = np.array(palette(), dtype=np.float32)
-    labels = mask.numpy().astype(np.int64)
-    blended = np.asarray(image, dtype=np.float32) * (1 - alpha) + colours[labels] * alpha  # [H, W, 3]
-    picture = Image.fromarray(blended.clip(0, 255).astype(np.uint8))
+    (largest first) with their pixel share. Works in 8-bit images throughout (3 bytes per pixel)."""
+    colours = palette()
+    coloured = Image.fromarray(mask.to(torch.uint8).numpy(), mode="P")
+    coloured.putpalette([v for colour in colours for v in colour])
+    picture = Image.blend(image.convert("RGB"), coloured.convert("RGB"), alpha)
+    del coloured
     shares = pixel_shares(mask, len(titles))
     present = sorted((i for i, s in enumerate(shares) if s > 0), key=lambda i: -shares[i])
     size = max(12, image.width // 60)
@@ -303,7 +385,7 @@ def overlay(image: Image.Image, mask: torch.Tensor, titles: Sequence[str], alpha
     for index, text, w in zip(present, entries, widths):
         if x + w > image.width and x > pad:
             x, y = pad, y + line_height
-        draw.rectangle([x, y, x + swatch, y + swatch], fill=tuple(int(v) for v in colours[index]), outline=(0, 0, 0))
+        draw.rectangle([x, y, x + swatch, y + swatch], fill=colours[index], outline=(0, 0, 0))
         draw.text((x + swatch + pad, y), text, fill=(0, 0, 0), font=font)
         x += w
     return canvas
@@ -318,14 +400,19 @@ class SegmentationSet:
     images: list[Path]
     masks: list[Path]
     classnames_file: Path | None
+    split: str | None = None  # the VOC split evaluated (None: every mask)
 
 
 CLASSNAME_FILES = ("classnames.txt", "classes.txt", "labels.txt")
 
 
 def read_segmentation_set(root: str | Path, split: str | None = None) -> SegmentationSet:
-    """Our synth layout (images/ + masks/ + classnames.txt) or VOC's (JPEGImages/ + SegmentationClass/, optional
-    ImageSets/Segmentation/<split>.txt). Images and masks pair by file stem; every mask needs its image."""
+    """Our synth layout (images/ + masks/ + classnames.txt) or VOC's (JPEGImages/ + SegmentationClass/ +
+    ImageSets/Segmentation/<split>.txt). Images and masks pair by file stem; every mask needs its image.
+
+    Split: `split` reads ImageSets/Segmentation/<split>.txt, which must exist. Without one, a folder that has
+    ImageSets/Segmentation/val.txt evaluates the val split (VOC's masks folder also holds the train masks);
+    otherwise every mask."""
     root = Path(root)
     if not root.is_dir():
         raise CosmosError(f"{root}: not a directory; give images/ + masks/ (synth) or JPEGImages/ + SegmentationClass/ (VOC)")
@@ -337,11 +424,16 @@ def read_segmentation_set(root: str | Path, split: str | None = None) -> Segment
         raise CosmosError(f"{root}: expected images/ + masks/ (synth layout) or JPEGImages/ + SegmentationClass/ (VOC layout)")
     images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
     masks = {p.stem: p for p in mask_dir.iterdir() if p.suffix.lower() == ".png"}
-    list_file = root / "ImageSets" / "Segmentation" / f"{split}.txt" if split else None
-    if list_file is not None and list_file.is_file():
-        stems = [s.strip() for s in list_file.read_text().splitlines() if s.strip()]
-    elif split and list_file is not None and (root / "ImageSets").is_dir():
-        raise CosmosError(f"{list_file}: split file not found; choose another --split")
+    split_dir = root / "ImageSets" / "Segmentation"
+    if split is None and (split_dir / "val.txt").is_file():
+        split = "val"
+    if split is not None:
+        list_file = split_dir / f"{split}.txt"
+        if not list_file.is_file():
+            present = sorted(p.stem for p in split_dir.glob("*.txt")) if split_dir.is_dir() else []
+            hint = f"splits present: {', '.join(present)}" if present else "this folder has no split files"
+            raise CosmosError(f"{list_file}: split file not found ({hint}); choose another --split or leave it out")
+        stems = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
     else:
         stems = sorted(masks)
     for stem in stems:
@@ -350,9 +442,9 @@ def read_segmentation_set(root: str | Path, split: str | None = None) -> Segment
         if stem not in images:
             raise CosmosError(f"{mask_dir / masks[stem].name}: no image with the same name in {image_dir}")
     if not stems:
-        raise CosmosError(f"{mask_dir}: no PNG masks")
+        raise CosmosError(f"{mask_dir}: no PNG masks" + (f" in split {split!r}" if split else ""))
     names_file = next((root / n for n in CLASSNAME_FILES if (root / n).is_file()), None)
-    return SegmentationSet(root, [images[s] for s in stems], [masks[s] for s in stems], names_file)
+    return SegmentationSet(root, [images[s] for s in stems], [masks[s] for s in stems], names_file, split)
 
 
 def read_mask(path: Path, size: tuple[int, int], num_classes: int) -> torch.Tensor:
@@ -402,7 +494,8 @@ def evaluate_segmentation(
     titles: Sequence[str],
     progress: Progress | None = None,
 ) -> dict:
-    """mIoU and per-class IoU over `dataset` (confusion matrix accumulated over all its pixels)."""
+    """mIoU and per-class IoU over `dataset` (confusion matrix accumulated over all its pixels). Per-class IoU is
+    a list in class-index order, so two classes with the same title stay apart."""
     num_classes = segmenter.classifier.num_classes
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
     for done, (image_path, mask_path) in enumerate(zip(dataset.images, dataset.masks), 1):
@@ -422,8 +515,10 @@ def evaluate_segmentation(
         "method": segmenter.config.method,
         "mIoU": sum(present) / len(present) if present else None,
         "pixel_accuracy": (int(matrix.diag().sum()) / labelled) if labelled else None,
-        "per_class_iou": dict(zip(titles, ious)),
+        "split": dataset.split,
+        "per_class_iou": [{"index": i, "class": title, "iou": iou} for i, (title, iou) in enumerate(zip(titles, ious))],
         "short_side": segmenter.short_side,
+        "long_side": segmenter.long_side,
         "window": segmenter.window,
         "stride": segmenter.stride,
         "logit_scale": segmenter.config.logit_scale,
