@@ -1,6 +1,6 @@
 """Forward throughput of our towers against OpenCLIP's with the same weights, fp32 and bf16 autocast.
 
-    python bench/bench_forward.py [--models ViT-B-16,tiny] [--batch 32] [--repeats 5] [--threads 2]
+    python bench/bench_forward.py [--models ViT-B-16,tiny] [--precisions fp32,bf16] [--batch 32] [--repeats 5]
 
 For each model and precision it times encode_image (images/s) and encode_text (texts/s) for both implementations,
 interleaving the two (ours, reference, ours, ...) so that load on the machine hits both alike, and prints the median
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precisions", default="fp32,bf16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -66,7 +67,7 @@ def main() -> None:
         text = torch.randint(1, 49000, (args.batch, L))
         text[:, L // 3] = 49407
         text[:, L // 3 + 1:] = 0
-        for precision in ("fp32", "bf16"):
+        for precision in args.precisions.split(","):
             for tower, x in (("image", images), ("text", text)):
                 fns = {
                     "ours": ours.encode_image if tower == "image" else ours.encode_text,

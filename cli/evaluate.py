@@ -23,6 +23,8 @@ eval_app = typer.Typer(help="Zero-shot evaluation: classification, retrieval, se
 WEIGHTS = typer.Option(DEFAULT_WEIGHTS, "--weights", "-w", help="checkpoint file or released name")
 DEVICE = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if present)")
 PRECISION = typer.Option("auto", "--precision", help=PRECISION_HELP)
+WHICH = typer.Option("teacher", "--which", help=WHICH_HELP)
+QUICK_GELU = typer.Option(False, "--quick-gelu", help=QUICK_GELU_HELP)
 OUT = typer.Option(None, "--out", "-o", help="write the results as JSON to this file")
 SYNTHETIC = typer.Option(None, "--synthetic", help="a `cosmos synth` output folder: run its eval sets")
 PER_CLASS = typer.Option(False, "--per-class", help="also print the per-class table (always in --out)")
@@ -101,8 +103,8 @@ def classification(
         None, "--templates", "-t", help="openai, simple, synth, synth-colour or one template with {} "
         "(default: openai; synth / synth-colour with --synthetic)"),
     weights: str = WEIGHTS,
-    which: str = typer.Option("teacher", "--which", help=WHICH_HELP),
-    quick_gelu: bool = typer.Option(False, "--quick-gelu", help=QUICK_GELU_HELP),
+    which: str = WHICH,
+    quick_gelu: bool = QUICK_GELU,
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     workers: int = typer.Option(0, "--workers", min=0, help="image loading processes"),
     device: Optional[str] = DEVICE,
@@ -157,8 +159,8 @@ def retrieval(
         None, "--images", help="image folder (default: images/ beside the JSON, else the JSON's folder)"),
     split: str = typer.Option("test", "--split", help="Karpathy split to evaluate"),
     weights: str = WEIGHTS,
-    which: str = typer.Option("teacher", "--which", help=WHICH_HELP),
-    quick_gelu: bool = typer.Option(False, "--quick-gelu", help=QUICK_GELU_HELP),
+    which: str = WHICH,
+    quick_gelu: bool = QUICK_GELU,
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     workers: int = typer.Option(0, "--workers", min=0, help="image loading processes"),
     device: Optional[str] = DEVICE,
@@ -217,8 +219,8 @@ def segmentation(
         True, "--bg-prompt/--no-bg-prompt", help="prompt class 0 by its name like the others, or only assign it "
         "through --bg-threshold"),
     weights: str = WEIGHTS,
-    which: str = typer.Option("teacher", "--which", help=WHICH_HELP),
-    quick_gelu: bool = typer.Option(False, "--quick-gelu", help=QUICK_GELU_HELP),
+    which: str = WHICH,
+    quick_gelu: bool = QUICK_GELU,
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="windows per forward pass"),
     device: Optional[str] = DEVICE,
     precision: str = PRECISION,

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from .errors import CosmosError
-from .model.cosmos import CosmosConfig, CosmosModel, TextConfig, VisionConfig, get_config, is_cosmos_extra
+from .model.cosmos import CosmosConfig, CosmosModel, TextConfig, VisionConfig, is_cosmos_extra
 from .paths import cache_dir
 
 FORMAT = "cosmos"

@@ -252,16 +252,7 @@ class Tokenizer:
                     best_rank, best = hit[0], (pair[0], pair[1], hit[1])
             if best is None:
                 break
-            left, right, merged = best
-            out, i, n = [], 0, len(ids)
-            while i < n:
-                if i + 1 < n and ids[i] == left and ids[i + 1] == right:
-                    out.append(merged)
-                    i += 2
-                else:
-                    out.append(ids[i])
-                    i += 1
-            ids = out
+            ids = _merge_pair(ids, *best)
         result = tuple(ids)
         cache = self._cache
         if len(cache) >= self.cache_size:  # bounded: drop the oldest quarter
@@ -374,6 +365,19 @@ def load_clip_merges(path: Path | str) -> list[str]:
     return lines[1 : 1 + CLIP_NUM_MERGES]
 
 
+def _merge_pair(symbols: Sequence, left, right, merged) -> list:
+    """`symbols` with every adjacent (left, right) replaced by `merged`, scanning left to right."""
+    out, i, n = [], 0, len(symbols)
+    while i < n:
+        if i + 1 < n and symbols[i] == left and symbols[i + 1] == right:
+            out.append(merged)
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
+
+
 def _evict_oldest(cache: dict[str, tuple[int, ...]], n: int) -> None:
     """Drop the `n` oldest entries of the word cache; safe when several threads share one tokenizer.
 
@@ -451,14 +455,7 @@ def _learn_merges(word_counts: Counter[str], num_merges: int) -> list[str]:
         touched: set[tuple[str, str]] = set()
         for w in sorted(where.pop((left, right), ())):
             syms, f = symbols_of[w], freqs[w]
-            out, i, n = [], 0, len(syms)
-            while i < n:
-                if i + 1 < n and syms[i] == left and syms[i + 1] == right:
-                    out.append(merged)
-                    i += 2
-                else:
-                    out.append(syms[i])
-                    i += 1
+            out, n = _merge_pair(syms, left, right, merged), len(syms)
             if len(out) == n:
                 continue
             for pair in zip(syms, syms[1:]):

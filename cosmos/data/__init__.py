@@ -13,3 +13,9 @@ from .shards import (
     validate_captions,
     write_manifest,
 )
+
+__all__ = [
+    "CaptionContentError", "PreprocessResult", "ReadStats", "ShardDataset", "ShardLoader", "ShardWriter", "build_loader",
+    "expand_sources", "iter_samples", "iter_shard", "sample_files", "shard_sizes", "split_sentences",
+    "validate_captions", "write_manifest",
+]
