@@ -75,7 +75,8 @@ def classify(
         typer.echo(json.dumps(results, indent=2))
     else:
         for result in results:
-            table = Table(title=Text(result["image"]), title_justify="left")
+            console.print(Text(result["image"], style="bold"))  # above the table: a long path is not wrapped
+            table = Table()
             table.add_column("label")
             table.add_column("probability", justify="right")
             for entry in result["labels"]:

@@ -10,7 +10,7 @@ import typer
 
 app = typer.Typer(
     name="cosmos",
-    help="COSMOS vision-language models: preprocess data, train, and evaluate zero-shot.",
+    help="COSMOS vision-language models: prepare data (preprocess, synth) and evaluate zero-shot (classify, segment, eval).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

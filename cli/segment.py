@@ -100,7 +100,8 @@ def segment(
                  "classes": [{"index": i, "label": titles[i], "share": shares[i]} for i in order if shares[i] > 0]}
         report.append(entry)
         if not as_json:
-            table = Table(title=Text(f"{path} -> {mask_path}"), title_justify="left")
+            console.print(Text(f"{path} -> {mask_path}", style="bold"))
+            table = Table()
             table.add_column("index", justify="right")
             table.add_column("label")
             table.add_column("pixels", justify="right")
