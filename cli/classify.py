@@ -10,8 +10,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .common import (
-    DEFAULT_WEIGHTS, PRECISION_HELP, QUICK_GELU_HELP, WHICH_HELP, check_precision, cli_errors, console, load_model,
-    model_labels, print_error, progress_bar,
+    DEVICE, PRECISION, QUICK_GELU, WEIGHTS, WHICH, check_precision, cli_errors, console, load_model, model_labels,
+    print_error, progress_bar,
 )
 
 TABLE_TOP = 5  # labels per table without --top; --json lists every label unless --top is given
@@ -24,16 +24,16 @@ def classify(
     labels: Optional[str] = typer.Option(
         None, "--labels", "-l", help="comma-separated class names; 'dog;puppy' = several names for one class "
         "(default: the checkpoint's own labels)"),
-    weights: str = typer.Option(DEFAULT_WEIGHTS, "--weights", "-w", help="checkpoint file or released name"),
+    weights: str = WEIGHTS,
     templates: str = typer.Option(
         "openai", "--templates", "-t", help="openai (80 prompts), simple (7), synth, or one template with {}"),
     top: Optional[int] = typer.Option(
         None, "--top", "-k", min=1, help=f"show the K most likely labels (default: {TABLE_TOP} in tables, all in --json)"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON list instead of tables"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)"),
-    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
-    which: str = typer.Option("teacher", "--which", help=WHICH_HELP),
-    quick_gelu: bool = typer.Option(False, "--quick-gelu", help=QUICK_GELU_HELP),
+    device: Optional[str] = DEVICE,
+    precision: str = PRECISION,
+    which: str = WHICH,
+    quick_gelu: bool = QUICK_GELU,
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="images per forward pass"),
 ) -> None:
     """Zero-shot classification: probabilities = softmax(logit_scale * cosine) over the labels."""

@@ -97,3 +97,11 @@ def model_labels(model, where: str = "--labels") -> list[list[str]]:
     if not getattr(model, "labels", None):
         raise CosmosError(f"this checkpoint carries no class names; give them with {where} (e.g. --labels cat,dog)")
     return [names for names in (parse_class_names(label) for label in model.labels) if names]
+
+
+# Options every command that loads a model shares (typer option objects can be reused across commands).
+WEIGHTS = typer.Option(DEFAULT_WEIGHTS, "--weights", "-w", help="checkpoint file or released name")
+DEVICE = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+PRECISION = typer.Option("auto", "--precision", help=PRECISION_HELP)
+WHICH = typer.Option("teacher", "--which", help=WHICH_HELP)
+QUICK_GELU = typer.Option(False, "--quick-gelu", help=QUICK_GELU_HELP)

@@ -13,18 +13,14 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from .common import PRECISION_HELP, QUICK_GELU_HELP, WHICH_HELP, check_precision, load_model, progress_bar
-from .common import DEFAULT_WEIGHTS, cli_errors, console
-from .segment import METHOD_HELP, segmenter_options
+from .common import (
+    DEVICE, PRECISION, QUICK_GELU, WEIGHTS, WHICH, check_precision, cli_errors, console, load_model, progress_bar,
+)
+from .segment import LOGIT_SCALE, METHOD, SHORT_SIDE, STRIDE, WINDOW, WINDOW_BATCH, segmenter_options
 
 eval_app = typer.Typer(help="Zero-shot evaluation: classification, retrieval, segmentation.", no_args_is_help=True)
 
 # Options every eval command shares.
-WEIGHTS = typer.Option(DEFAULT_WEIGHTS, "--weights", "-w", help="checkpoint file or released name")
-DEVICE = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if present)")
-PRECISION = typer.Option("auto", "--precision", help=PRECISION_HELP)
-WHICH = typer.Option("teacher", "--which", help=WHICH_HELP)
-QUICK_GELU = typer.Option(False, "--quick-gelu", help=QUICK_GELU_HELP)
 OUT = typer.Option(None, "--out", "-o", help="write the results as JSON to this file")
 SYNTHETIC = typer.Option(None, "--synthetic", help="a `cosmos synth` output folder: run its eval sets")
 PER_CLASS = typer.Option(False, "--per-class", help="also print the per-class table (always in --out)")
@@ -207,12 +203,11 @@ def segmentation(
     templates: Optional[str] = typer.Option(
         None, "--templates", "-t", help="openai, simple, synth, synth-colour or one template with {} "
         "(default: openai; synth / synth-colour with --synthetic)"),
-    method: str = typer.Option("csa", "--method", "-m", help=METHOD_HELP),
-    short_side: Optional[int] = typer.Option(None, "--short-side", min=1, help="default 336 x image_size/224"),
-    window: Optional[int] = typer.Option(
-        None, "--window", min=1, help="a multiple of the patch size (default: the model's input size)"),
-    stride: Optional[int] = typer.Option(None, "--stride", min=1, help="default: window / 2"),
-    logit_scale: float = typer.Option(40.0, "--logit-scale", help="logits x this before the softmax"),
+    method: str = METHOD,
+    short_side: Optional[int] = SHORT_SIDE,
+    window: Optional[int] = WINDOW,
+    stride: Optional[int] = STRIDE,
+    logit_scale: float = LOGIT_SCALE,
     bg_threshold: Optional[float] = typer.Option(
         None, "--bg-threshold", help="pixels whose best probability is below this become class 0 (background)"),
     bg_prompt: bool = typer.Option(
@@ -221,7 +216,7 @@ def segmentation(
     weights: str = WEIGHTS,
     which: str = WHICH,
     quick_gelu: bool = QUICK_GELU,
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="windows per forward pass"),
+    batch_size: int = WINDOW_BATCH,
     device: Optional[str] = DEVICE,
     precision: str = PRECISION,
     per_class: bool = PER_CLASS,

@@ -11,11 +11,19 @@ from rich.table import Table
 from rich.text import Text
 
 from .common import (
-    DEFAULT_WEIGHTS, PRECISION_HELP, QUICK_GELU_HELP, WHICH_HELP, check_precision, cli_errors, console, err_console,
-    load_model, model_labels, print_error, progress_bar,
+    DEVICE, PRECISION, QUICK_GELU, WEIGHTS, WHICH, check_precision, cli_errors, console, err_console, load_model,
+    model_labels, print_error, progress_bar,
 )
 
-METHOD_HELP = "last-block variant: plain, csa (SCLIP), clearclip or maskclip"
+# The SCLIP protocol's options, shared with `cosmos eval segmentation`.
+METHOD = typer.Option("csa", "--method", "-m", help="last-block variant: plain, csa (SCLIP), clearclip or maskclip")
+SHORT_SIDE = typer.Option(None, "--short-side", min=1,
+                          help="resize the short side to this (default 336 x image_size/224)")
+WINDOW = typer.Option(
+    None, "--window", min=1, help="window size, a multiple of the patch size (default: the model's input size)")
+STRIDE = typer.Option(None, "--stride", min=1, help="window stride (default: window / 2)")
+LOGIT_SCALE = typer.Option(40.0, "--logit-scale", help="logits x this before the softmax")
+WINDOW_BATCH = typer.Option(16, "--batch-size", min=1, help="windows per forward pass")
 
 
 def segmenter_options(method: str, short_side: Optional[int], window: Optional[int], stride: Optional[int],
@@ -33,23 +41,21 @@ def segment(
     labels: Optional[str] = typer.Option(
         None, "--labels", "-l", help="comma-separated class names; 'person;people' = several names for one class "
         "(default: the checkpoint's own labels)"),
-    weights: str = typer.Option(DEFAULT_WEIGHTS, "--weights", "-w", help="checkpoint file or released name"),
-    method: str = typer.Option("csa", "--method", "-m", help=METHOD_HELP),
+    weights: str = WEIGHTS,
+    method: str = METHOD,
     out: Path = typer.Option(Path("segments"), "--out", "-o", help="folder for the mask and overlay PNGs"),
     templates: str = typer.Option("openai", "--templates", "-t", help="openai, simple, synth, or one template with {}"),
-    short_side: Optional[int] = typer.Option(None, "--short-side", min=1,
-                                             help="resize the short side to this (default 336 x image_size/224)"),
-    window: Optional[int] = typer.Option(
-        None, "--window", min=1, help="window size, a multiple of the patch size (default: the model's input size)"),
-    stride: Optional[int] = typer.Option(None, "--stride", min=1, help="window stride (default: window / 2)"),
-    logit_scale: float = typer.Option(40.0, "--logit-scale", help="logits x this before the softmax"),
+    short_side: Optional[int] = SHORT_SIDE,
+    window: Optional[int] = WINDOW,
+    stride: Optional[int] = STRIDE,
+    logit_scale: float = LOGIT_SCALE,
     bg_threshold: Optional[float] = typer.Option(
         None, "--bg-threshold", help="pixels whose best class probability is below this become background"),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="windows per forward pass"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, ... (default: cuda if present)"),
-    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
-    which: str = typer.Option("teacher", "--which", help=WHICH_HELP),
-    quick_gelu: bool = typer.Option(False, "--quick-gelu", help=QUICK_GELU_HELP),
+    batch_size: int = WINDOW_BATCH,
+    device: Optional[str] = DEVICE,
+    precision: str = PRECISION,
+    which: str = WHICH,
+    quick_gelu: bool = QUICK_GELU,
     as_json: bool = typer.Option(False, "--json", help="print the pixel shares as JSON"),
 ) -> None:
     """Zero-shot segmentation: writes OUT/<name>_mask.png (class indices) and OUT/<name>_overlay.png."""

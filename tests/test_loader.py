@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import write_raw_tar
 from cosmos.data.loader import build_loader, slot_plan
 from cosmos.data.shards import ShardWriter, sample_files
 from cosmos.errors import CosmosError
@@ -235,24 +236,16 @@ def test_brace_pattern_and_joined_sources(tmp_path):
     assert Counter(keys) == Counter(a[:8] + b)
 
 
-def _add_members(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_damage_is_skipped_and_counted_never_fatal(tmp_path):
     keys = make_shards(tmp_path, 12, 6)  # 00000.tar, 00001.tar
     # A third shard whose tar stream breaks half-way, and a fourth with bad samples.
     good_json = json.dumps({"captions": {"raw": ["fine"]}}).encode()
-    _add_members(tmp_path / "00002.tar", [m for i in range(6)
+    write_raw_tar(tmp_path / "00002.tar", [m for i in range(6)
                                            for m in ((f"t{i}.jpg", jpeg(i, (64, 64))), (f"t{i}.json", good_json))])
     with tarfile.open(tmp_path / "00002.tar") as tar:
         cut = tar.getmember("t3.jpg").offset_data + 10  # inside t3's image: t0..t2 survive
     (tmp_path / "00002.tar").write_bytes((tmp_path / "00002.tar").read_bytes()[:cut])
-    _add_members(tmp_path / "00003.tar", [
+    write_raw_tar(tmp_path / "00003.tar", [
         ("x1.jpg", b"not an image"), ("x1.json", good_json),   # undecodable image: counted when decoded
         ("x2.txt", b"no image"),                               # no image member
         ("x3.jpg", jpeg(3)), ("x3.json", b"{oops"),            # bad JSON
@@ -274,7 +267,7 @@ def _tokens(texts: list[str], context_length: int = 16) -> torch.Tensor:
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_string_caption_field_is_rejected_at_load_time_in_one_line(tmp_path, num_workers):
-    _add_members(tmp_path / "00000.tar", [
+    write_raw_tar(tmp_path / "00000.tar", [
         ("a.jpg", jpeg(1)), ("a.json", json.dumps({"captions": {"raw": ["ok"]}}).encode()),
         ("b.jpg", jpeg(2)), ("b.json", json.dumps({"captions": {"long": "A dog. A cat."}}).encode()),
     ])
@@ -320,7 +313,7 @@ def test_multiview_transform_batches(tmp_path):
 
     keys = make_shards(tmp_path, 10, 5)
     good_json = json.dumps({"captions": {"raw": ["fine"]}}).encode()
-    _add_members(tmp_path / "00002.tar", [("bad.jpg", b"not an image"), ("bad.json", good_json)])
+    write_raw_tar(tmp_path / "00002.tar", [("bad.jpg", b"not an image"), ("bad.json", good_json)])
     _tokens(["warm the tokenizer cache before the workers fork"])
     cfg = ViewConfig.tiny(context_length=16)
     loader = build_loader(str(tmp_path), MultiViewTransform(cfg, _tokens, seed=0), 4, num_workers=2)

@@ -13,6 +13,7 @@ import webdataset as wds
 from PIL import Image
 
 import cosmos.data.shards as shards_module
+from tests.helpers import write_raw_tar
 from cosmos.data.shards import (
     CaptionContentError,
     ReadStats,
@@ -276,17 +277,9 @@ def test_img2dataset_layout_from_webdataset_tarwriter_is_read(tmp_path):
         assert Image.open(io.BytesIO(s["image"])).size == (20, 16)
 
 
-def _raw_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_bad_members_are_skipped_and_counted(tmp_path):
     good = json.dumps({"captions": {"raw": ["fine"]}}).encode()
-    _raw_tar(tmp_path / "00000.tar", [
+    write_raw_tar(tmp_path / "00000.tar", [
         ("a.jpg", jpeg((1, 1, 1))), ("a.json", good),
         ("b.txt", b"no image here"),                           # no image member
         ("c.jpg", jpeg((2, 2, 2))), ("c.json", b"{not json"),  # broken JSON
@@ -304,7 +297,7 @@ def test_unusable_caption_content_is_a_counted_bad_sample_not_fatal(tmp_path):
     def record(captions) -> bytes:
         return json.dumps({"captions": captions}, ensure_ascii=True).encode()  # \ud800 travels as an escape
 
-    _raw_tar(tmp_path / "00000.tar", [
+    write_raw_tar(tmp_path / "00000.tar", [
         ("a.jpg", jpeg((1, 1, 1))), ("a.json", record({"raw": ["fine"]})),
         ("b.jpg", jpeg((2, 2, 2))), ("b.json", record({"raw": ["ok", " "]})),      # a blank sentence
         ("c.jpg", jpeg((3, 3, 3))), ("c.json", record({"raw": [], "long": []})),   # no sentence at all
@@ -346,7 +339,7 @@ def test_truncated_shard_keeps_what_precedes_the_damage(tmp_path):
 
 
 def test_string_caption_field_in_a_hand_made_shard_is_rejected_at_load(tmp_path):
-    _raw_tar(tmp_path / "00000.tar", [
+    write_raw_tar(tmp_path / "00000.tar", [
         ("a.jpg", jpeg((1, 1, 1))), ("a.json", json.dumps({"captions": {"long": "A dog. A cat."}}).encode()),
     ])
     with pytest.raises(CosmosError, match="caption field 'long' is a string, not a list of sentences"):
