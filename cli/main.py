@@ -10,7 +10,7 @@ import typer
 
 app = typer.Typer(
     name="cosmos",
-    help="COSMOS vision-language models: prepare data (preprocess, synth) and evaluate zero-shot (classify, segment, eval).",
+    help="COSMOS vision-language models: prepare data (preprocess, synth), train, and evaluate zero-shot (classify, segment, eval).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -18,7 +18,7 @@ app = typer.Typer(
 
 # Each command module defines `register(app)`; add a module's name here to put its commands on the app.
 COMMAND_MODULES = [
-    "preprocess",
+    "preprocess", "train",
     "classify", "segment", "evaluate",
     "synth",
 ]

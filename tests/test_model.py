@@ -139,7 +139,9 @@ def test_positional_embedding_interpolates_for_other_sizes():
         pos4 = model.visual.positional_embedding_for(4, 4)
         assert pos4.shape == (17, 192) and torch.equal(pos4[0], model.visual.positional_embedding[0])
         grid = model.visual.positional_embedding[1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
-        ref = torch.nn.functional.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False)
+        # DINO's form, as the official code (tests/test_train_loss.py checks it against a transcription of DINO)
+        ref = torch.nn.functional.interpolate(grid, scale_factor=(4.1 / 8, 4.1 / 8), mode="bicubic",
+                                              align_corners=False)
         assert torch.allclose(pos4[1:], ref.permute(0, 2, 3, 1).reshape(16, -1), atol=1e-6)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         model.encode_image(torch.randn(1, 3, 60, 60))

@@ -5,8 +5,9 @@ State-dict layout = OpenCLIP's flat CLIP naming (text tower at the top level, im
     `distill_logit_scale`, `image_token_mapping` (Linear W_vision -> E), `text_token_mapping` (Linear W_text -> E),
     `visual.attn_cross_pool` (C^I) and `text_attn_cross_pool` (C^T).
 At inference it is exactly a CLIP model: `encode_image`, `encode_text`, `forward` -> (image, text, scale) as OpenCLIP.
-For training, `encode_image_views` / `encode_text_views` give the per-view pooled embeddings and tokens and
-`cross_image` / `cross_text` the cross-modal embeddings.
+For training, `forward_train` runs every view of a batch (what DDP wraps) and returns the per-view pooled embeddings and
+the cross-modal embeddings h_I (`cross_text`: image queries over text tokens) and h_T (`cross_image`: text queries over
+image patch tokens).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from ..errors import CosmosError
 from .cross_attention import CrossAttentionPooler
-from .text import TextTower
+from .text import TextTower, trim_padding
 from .transformer import DENSE_METHODS
 from .vision import VisionTransformer
 
@@ -166,16 +167,87 @@ class CosmosModel(TextTower):
         """Token ids [B, L] -> pooled [B, E] (not normalized), token states [B, L, Wt]."""
         return self.encode_text_features(text)
 
+    def cross_text(self, image_query: torch.Tensor, text_tokens: torch.Tensor, key_padding_mask=None) -> torch.Tensor:
+        """h_I, the image side's cross-modal embedding: image queries [B, M, E] (pooled, one per image view) attend
+        over one caption's token states [B, L, Wt] through `text_token_mapping` and `text_attn_cross_pool` (C^T)
+        -> [B, M, E] = query + attention (not normalized). key_padding_mask: bool [B, L], True = padding."""
+        tokens = self.text_token_mapping(text_tokens)  # [B, L, E]
+        return image_query + self.text_attn_cross_pool(image_query, tokens, key_padding_mask)
+
     def cross_image(self, text_query: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-        """h_I: text queries [B, M, E] attend over one image view's patch tokens [B, N, Wv] -> [B, M, E]
-        (query + attention; not normalized)."""
+        """h_T, the text side's cross-modal embedding: text queries [B, M, E] (pooled, one per caption view) attend
+        over one image view's patch tokens [B, N, Wv] through `image_token_mapping` and `visual.attn_cross_pool`
+        (C^I) -> [B, M, E] = query + attention (not normalized)."""
         tokens = self.image_token_mapping(image_tokens)  # [B, N, E]
         return text_query + self.visual.attn_cross_pool(text_query, tokens)
 
-    def cross_text(self, image_query: torch.Tensor, text_tokens: torch.Tensor, key_padding_mask=None) -> torch.Tensor:
-        """h_T: image queries [B, M, E] attend over one caption's token states [B, L, Wt] -> [B, M, E]."""
-        tokens = self.text_token_mapping(text_tokens)  # [B, L, E]
-        return image_query + self.text_attn_cross_pool(image_query, tokens, key_padding_mask)
+    def forward_train(
+        self,
+        global_crops: torch.Tensor,
+        global_text: torch.Tensor,
+        local_crops: torch.Tensor | None = None,
+        local_text: torch.Tensor | None = None,
+        cross: tuple[str, ...] = ("image", "text"),
+        text_padding_mask: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """The student's training forward: every view of a batch in one call (what DDP wraps, see train/step.py).
+
+        global_crops [B, Vg, 3, G, G], local_crops [B, Vl, 3, L, L] or None, global_text [B, G, ctx] and local_text
+        [B, Lt, ctx] or None token ids (the layout of `cosmos.data.views.collate_views`). Each image resolution runs
+        through the tower in ONE batch, view-major ([g1 of every sample, g2 of every sample, l1 ...], the official
+        order). Returns, view-major and L2-normalized in float32:
+            "image" [Vg + Vl, B, E], "text" [G + Lt, B, E]: pooled embeddings per view, global views first;
+            "h_image" [Vg + Vl, B, E] (when "image" in `cross`): h_I, each image view's pooled embedding attending
+                over the tokens of caption #1 (C^T);
+            "h_text" [G + Lt, B, E] (when "text" in `cross`): h_T, each caption's pooled embedding attending over
+                the patch tokens of global crop #1 (C^I);
+            "logit_scale", "distill_logit_scale": the exponentiated temperatures (0-dim), so the loss's use of them
+                goes through this forward as well.
+        text_padding_mask=True runs the captions like the crops, one batch per kind (global, local), each trimmed
+        to its longest caption (rounded up to a multiple of 8; end-of-text pooling and the causal mask make the
+        pooled embeddings identical, and one-sentence local captions are much shorter than global ones), and masks
+        the padding after end-of-text in C^T, so h_I does not depend on how much padding a batch has. False is the
+        official behaviour (quirk 2): all captions in one batch of `ctx` positions, padding attended to.
+        """
+        b, n_global = global_crops.shape[:2]
+        crops = global_crops.transpose(0, 1).reshape(n_global * b, *global_crops.shape[2:])  # [Vg*B, 3, G, G]
+        pooled_g, tokens_g = self.visual.forward_features(crops)  # [Vg*B, E], [Vg*B, N, Wv]
+        image = [pooled_g.view(n_global, b, -1)]
+        if local_crops is not None and local_crops.shape[1] > 0:
+            n_local = local_crops.shape[1]
+            crops = local_crops.transpose(0, 1).reshape(n_local * b, *local_crops.shape[2:])  # [Vl*B, 3, L, L]
+            image.append(self.visual(crops).view(n_local, b, -1))
+        image = torch.cat(image)  # [Vi, B, E]
+
+        groups = [global_text] + ([local_text] if local_text is not None and local_text.shape[1] > 0 else [])
+        if not text_padding_mask:  # official: one batch, full length
+            groups = [torch.cat(groups, dim=1)]
+        pooled, first_tokens, first_ids = [], None, None
+        for group in groups:
+            ids = group.transpose(0, 1).reshape(group.shape[1] * b, -1)  # [V*B, ctx]
+            if text_padding_mask:
+                ids = trim_padding(ids)
+            pooled_t, tokens_t = self.encode_text_features(ids)  # [V*B, E], [V*B, L, Wt]
+            pooled.append(pooled_t.view(group.shape[1], b, -1))
+            if first_tokens is None:  # caption #1 = the first b rows
+                first_tokens, first_ids = tokens_t[:b], ids[:b]
+        text_emb = torch.cat(pooled)  # [Vt, B, E]
+
+        out = {"image": F.normalize(image.float(), dim=-1), "text": F.normalize(text_emb.float(), dim=-1),
+               "logit_scale": self.logit_scale.exp()}
+        if self.config.cosmos:
+            out["distill_logit_scale"] = self.distill_logit_scale.exp()
+        if "image" in cross:  # h_I: image queries over caption #1's tokens
+            mask = None
+            if text_padding_mask:
+                positions = torch.arange(first_ids.shape[1], device=first_ids.device)
+                mask = positions[None, :] > first_ids.argmax(dim=-1)[:, None]  # [B, L], True after end-of-text
+            h = self.cross_text(image.transpose(0, 1), first_tokens, mask)  # [B, Vi, E]
+            out["h_image"] = F.normalize(h.transpose(0, 1).float(), dim=-1)
+        if "text" in cross:  # h_T: text queries over global crop #1's patch tokens
+            h = self.cross_image(text_emb.transpose(0, 1), tokens_g[:b])  # [B, Vt, E]
+            out["h_text"] = F.normalize(h.transpose(0, 1).float(), dim=-1)
+        return out
 
     def clamp_logit_scales(self) -> None:
         """Keep both temperatures in [0, ln 100], as after every optimizer step in CLIP and COSMOS."""

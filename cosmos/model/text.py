@@ -13,6 +13,13 @@ from torch import nn
 from .transformer import LayerNorm, Transformer
 
 
+def trim_padding(ids: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """Token ids [B, L] cut after the longest caption's end-of-text, rounded up to a multiple of `multiple`.
+    With end-of-text pooling and the causal mask the pooled embeddings are unchanged; only padding is dropped."""
+    longest = int(ids.argmax(dim=-1).max()) + 1
+    return ids[:, : min(ids.shape[1], -(-longest // multiple) * multiple)]
+
+
 class TextTower(nn.Module):
     def __init__(
         self,

@@ -24,6 +24,23 @@ from torch.utils.checkpoint import checkpoint
 DENSE_METHODS = ("plain", "csa", "clearclip", "maskclip")
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd) [+ causal / padding mask]) v for [B, H, N, hd] tensors; mask: bool, True = attend.
+
+    `F.scaled_dot_product_attention` everywhere except bf16 on a CPU, where its fused kernels run 3-6x slower than
+    plain matmuls (measured: BENCHMARKS.md, "attention"); there the attention is written out."""
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    scores = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)  # [B, H, N, M]
+    if is_causal:
+        n, m = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(n, m, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v  # [B, H, N, hd]
+
+
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the activation OpenAI's CLIP weights were trained with."""
 
@@ -65,12 +82,12 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, N, 3W]
         qkv = qkv.view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, H, N, hd]
-        return qkv[0], qkv[1], qkv[2]
+        q, k, v = qkv.unbind(0)  # one backward op (three index selects would each build a full-size gradient)
+        return q, k, v
 
     def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         q, k, v = self.qkv(x)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)  # [B, H, N, hd]
-        return self.out_proj(self._merge_heads(out))
+        return self.out_proj(self._merge_heads(attend(q, k, v, is_causal=is_causal)))
 
     def cross(self, query: torch.Tensor, context: torch.Tensor, key_padding_mask: torch.Tensor | None = None):
         """Queries from `query` [B, M, W] attend over `context` [B, N, W] (keys = values = context).
@@ -85,8 +102,7 @@ class Attention(nn.Module):
         mask = None
         if key_padding_mask is not None:
             mask = ~key_padding_mask[:, None, None, :]  # [B, 1, 1, N], True = attend
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # [B, H, M, hd]
-        return self.out_proj(self._merge_heads(out))
+        return self.out_proj(self._merge_heads(attend(q, k, v, mask=mask)))  # [B, M, W]
 
     # --- last-block variants for dense prediction -------------------------------------------------------
     def self_self(self, x: torch.Tensor, use: str) -> torch.Tensor:

@@ -74,14 +74,18 @@ class VisionTransformer(nn.Module):
     # --- embedding ------------------------------------------------------------------------------------------
     def positional_embedding_for(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """The positional embedding for a grid_h x grid_w patch grid: [1 + gh*gw, W]; the class token's row is
-        kept and the grid is resized bicubically (align_corners=False, no antialias) when it differs."""
+        kept and the grid is resized bicubically when it differs, in DINO's form as the official COSMOS code does
+        it for its 96 px local crops: `scale_factor = (g_new + 0.1) / g` (the output is g_new wide, but the sampling
+        positions follow that scale, not g_new / g as `size=` would), align_corners=False, no antialias, in float32.
+        (DINO applies the width's factor to the height axis; for the square grids COSMOS uses that is the same.)"""
         pos = self.positional_embedding
         if (grid_h, grid_w) == (self.grid_size, self.grid_size):
             return pos
         cls_pos, grid_pos = pos[:1], pos[1:]
         g = self.grid_size
         grid_pos = grid_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # [1, W, g, g]
-        grid_pos = F.interpolate(grid_pos.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        grid_pos = F.interpolate(grid_pos.float(), scale_factor=((grid_h + 0.1) / g, (grid_w + 0.1) / g),
+                                 mode="bicubic", align_corners=False)  # [1, W, gh, gw]
         grid_pos = grid_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(grid_h * grid_w, -1)  # [gh*gw, W]
         return torch.cat([cls_pos, grid_pos], dim=0)
 
