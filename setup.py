@@ -14,11 +14,12 @@ setup(
     python_requires=">=3.10",
     # The Typer app lives in the top-level cli/ folder but is installed as `cosmos_cli`, so the package does
     # not take the generic import name `cli` in site-packages.
-    packages=find_packages(include=["cosmos", "cosmos.*"]) + ["cosmos_cli"],
-    package_dir={"cosmos_cli": "cli"},
-    # The CLIP BPE merges file lives in weights/ (see weights/README.md for its licence); a regular install copies
-    # it to <prefix>/share/cosmos-vlp/weights, an editable install reads it from the repository.
-    data_files=[("share/cosmos-vlp/weights", ["weights/bpe_simple_vocab_16e6.txt.gz", "weights/README.md"])],
+    packages=find_packages(include=["cosmos", "cosmos.*"]) + ["cosmos_cli", "cosmos.weights"],
+    package_dir={"cosmos_cli": "cli", "cosmos.weights": "weights"},
+    # weights/ (the CLIP BPE merges, see weights/README.md for its licence, and the shipped tiny model) is installed
+    # as package data of `cosmos.weights`, so every install layout (wheel, --user, --target, editable) carries it.
+    package_data={"cosmos.weights": ["*.txt.gz", "*.pt", "*.md"]},
+    include_package_data=False,
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",

@@ -74,7 +74,9 @@ QUICK_GELU_HELP = "use QuickGELU (OpenAI-trained CLIP weights); COSMOS and LAION
 def load_model(weights: str, device: Optional[str], which: str, quick_gelu: bool = False):
     """(model, preprocess, tokenizer) via cosmos.checkpoint.load, with a download bar for registry names."""
     from cosmos.checkpoint import load
+    from cosmos.device import resolve_device
 
+    resolve_device(device)  # one line naming the device and what is available, before any loading
     if which not in ("teacher", "student"):
         raise CosmosError(f"--which must be 'teacher' or 'student', got {which!r}")
     with progress_bar(f"loading {weights}") as update:

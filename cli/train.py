@@ -50,6 +50,16 @@ class _Bar:
             self.progress = None
 
 
+def _pair(text: str, option: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        fail(f"{option} {text!r}: give two numbers, low,high (e.g. 0.4,1.0)")
+    if not 0 < low <= high <= 1:
+        fail(f"{option} {text!r}: need 0 < low <= high <= 1")
+    return low, high
+
+
 def _launch_torchrun(nproc: int) -> None:
     """Re-run this command under torchrun with nproc processes on this node (--nproc removed)."""
     args, skip = [], False
@@ -118,10 +128,14 @@ def train(
     cross_attention: bool = typer.Option(True, "--cross-attention/--no-cross-attention",
                                          help="ablation: without it h_I / h_T are the pooled embeddings"),
     local_crops: int = typer.Option(6, "--local-crops", help="local image crops (cosmos mode)"),
+    global_scale: str = typer.Option("0.4,1.0", "--global-scale", help="area range of the global crops"),
+    local_scale: str = typer.Option("0.05,0.4", "--local-scale", help="area range of the local crops"),
     hflip: Optional[float] = typer.Option(None, "--hflip", help="flip probability (default 0.5; 0 for `cosmos "
                                           "synth` data, whose captions say left / right)"),
     clip_text: str = typer.Option("caption", "--clip-text", help="clip mode's caption: caption (a random field), "
                                   "raw (the alt-text) or sentence"),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="learn a byte-level BPE vocabulary of this "
+                                             "many ids from the training captions (default: CLIP's 49,408)"),
     quick_gelu: bool = typer.Option(False, "--quick-gelu"),
     nproc: int = typer.Option(1, "--nproc", help="launch torchrun with N processes on this node"),
 ) -> None:
@@ -140,7 +154,9 @@ def train(
         compile=compile_model, seed=seed, workers=workers, log_every=log_every, save_every=save_every, keep=keep,
         val=val, val_every=val_every, resume=resume, text_padding_mask=not official_padding,
         distill_image=distill_image, distill_text=distill_text, cross_attention=cross_attention,
-        local_crops=local_crops, hflip=hflip, clip_text=clip_text, quick_gelu=quick_gelu,
+        local_crops=local_crops, global_scale=_pair(global_scale, "--global-scale"),
+        local_scale=_pair(local_scale, "--local-scale"), hflip=hflip, clip_text=clip_text, quick_gelu=quick_gelu,
+        vocab_size=vocab_size,
     )
     rank = int(os.environ.get("RANK", "0") or 0)
     bar = _Bar(enabled=rank == 0)

@@ -292,6 +292,7 @@ def load_model(
     """The model in eval mode on `device`, and the checkpoint's metadata (tokenizer state, labels, epoch ...)."""
     from .device import resolve_device
 
+    target = resolve_device(device)  # a bad device is refused before anything is read or downloaded
     path = resolve_weights(weights, progress)
     try:
         obj = read_checkpoint(path)
@@ -312,7 +313,7 @@ def load_model(
     load_state(model, sd, str(path), assign=True)
     labels = meta.get("labels")
     model.labels = list(labels) if labels else None
-    return model.to(resolve_device(device)).eval(), meta
+    return model.to(target).eval(), meta
 
 
 def save(

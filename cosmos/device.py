@@ -5,13 +5,55 @@ import contextlib
 
 import torch
 
+from .errors import CosmosError
+
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def available_devices() -> list[str]:
+    """What this machine offers, in words for messages: cpu, cuda:0 .. cuda:N-1, mps."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    return default_device() if device is None else torch.device(device)
+    """The device to run on: `device` checked against this machine (a CosmosError naming it and what is available,
+    before anything is loaded), or cuda when present, else cpu."""
+    if device is None:
+        return default_device()
+    if isinstance(device, torch.device):
+        parsed = device
+    else:
+        text = str(device).strip()
+        if not text:
+            raise CosmosError(f"device '': give a device, e.g. cpu or cuda (available here: "
+                              f"{', '.join(available_devices())})")
+        try:
+            parsed = torch.device(text)
+        except (RuntimeError, ValueError):
+            raise CosmosError(f"device {text!r} is not a device name PyTorch knows; available here: "
+                              f"{', '.join(available_devices())}") from None
+    available = available_devices()
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CosmosError(f"device {str(device)!r}: CUDA is not available on this machine (available: "
+                              f"{', '.join(available)})")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise CosmosError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                              f"(available: {', '.join(available)})")
+        return parsed
+    if parsed.type == "mps" and "mps" in available:
+        return parsed
+    raise CosmosError(f"device {str(device)!r} is not available on this machine (available: {', '.join(available)})")
 
 
 def bf16_is_fast(device: torch.device | str) -> bool:

@@ -2,18 +2,26 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from .errors import CosmosError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = "cosmos.weights"  # weights/ installed as package data, so it travels with every kind of install
 
 
 def weights_dirs() -> list[Path]:
-    """Folders that may hold shipped files: the repository's weights/ (editable install, source checkout) and
-    the copy a regular install puts under <prefix>/share/cosmos-vlp/weights."""
-    return [REPO_ROOT / "weights", Path(sys.prefix) / "share" / "cosmos-vlp" / "weights"]
+    """Folders that may hold shipped files: the installed package `cosmos.weights` (a wheel, `pip install .`,
+    `--user`, `--target`, editable), then the repository's weights/ (a source checkout used without installing)."""
+    folders = []
+    try:
+        from importlib.resources import files
+
+        folders.append(Path(str(files(PACKAGE))))
+    except (ImportError, ModuleNotFoundError, TypeError):
+        pass
+    folders.append(REPO_ROOT / "weights")
+    return folders
 
 
 def find_shipped(name: str) -> Path:
@@ -23,7 +31,9 @@ def find_shipped(name: str) -> Path:
         if path.is_file():
             return path
     places = ", ".join(str(d) for d in weights_dirs())
-    raise CosmosError(f"shipped file {name!r} not found in {places}; reinstall the package (pip install .)")
+    raise CosmosError(f"shipped file {name!r} not found (looked in {places}); the installation is incomplete: "
+                      f"reinstall with `pip install --force-reinstall cosmos-vlp` (or `pip install .` from a "
+                      f"checkout)")
 
 
 def cache_dir() -> Path:

@@ -417,7 +417,8 @@ class ShardLoader:
         self.dataset.offset = self._next
         for i in range(len(self._stats)):
             self._stats[i] = 0
-        self._errors.clear()
+        # A fresh error buffer per pass: a worker stopped mid-pass (see _stop_workers) may have held the old one's lock.
+        self._errors = self.dataset.errors = _WorkerErrors()
         limit = self.steps_per_epoch() if self.equal_steps else None
         if limit is not None and self._batches >= limit:
             self._finished = True
@@ -432,23 +433,29 @@ class ShardLoader:
             generator=torch.Generator().manual_seed(_torch_seed(self.seed, self.epoch, self.rank)),
         )
         batches = iter(loader)
-        while True:
-            try:
-                slot, produced, batch = next(batches)
-            except StopIteration:
-                break
-            except Exception:
-                message = self._errors.message()
-                if message is None:
-                    raise
-                raise CosmosError(message) from None  # the worker's one-line message, not its traceback
-            self._position[slot] = produced
-            self._next = (slot - self.rank * self.workers + 1) % self.workers
-            self._batches += 1
-            yield batch
-            if limit is not None and self._batches >= limit:
-                break
-        self._finished = True
+        finished = False
+        try:
+            while True:
+                try:
+                    slot, produced, batch = next(batches)
+                except StopIteration:
+                    break
+                except Exception:
+                    message = self._errors.message()
+                    if message is None:
+                        raise
+                    raise CosmosError(message) from None  # the worker's one-line message, not its traceback
+                self._position[slot] = produced
+                self._next = (slot - self.rank * self.workers + 1) % self.workers
+                self._batches += 1
+                yield batch
+                if limit is not None and self._batches >= limit:
+                    break
+            finished = True
+            self._finished = True
+        finally:
+            if not finished:  # an error, a break in the caller's loop, or the caller closing us
+                _stop_workers(batches)
 
     # -- resume --
 
@@ -499,6 +506,21 @@ class ShardLoader:
         n = len(_STAT_FIELDS)
         return {name: sum(self._stats[w * n + i] for w in range(len(self._stats) // n))
                 for i, name in enumerate(_STAT_FIELDS)}
+
+
+def _stop_workers(iterator) -> None:
+    """Stop a DataLoader iterator's worker processes now. Left to the DataLoader, a pass abandoned mid-way (an error,
+    the caller stopping early) waits up to 5 s per worker: workers it has marked finished are never told to exit
+    and only notice at their next 5 s status check."""
+    workers = getattr(iterator, "_workers", None)
+    if not workers:
+        return
+    for w in workers:
+        if w.is_alive():
+            w.terminate()
+    for w in workers:
+        w.join(timeout=1.0)
+    iterator._shutdown_workers()
 
 
 def build_loader(

@@ -94,6 +94,7 @@ class TrainConfig:
     local_scale: tuple[float, float] = (0.05, 0.4)
     hflip: float | None = None  # default 0.5; 0 for `cosmos synth` data (its captions say left / right)
     clip_text: str = "caption"  # clip mode's caption: a random field, "raw" or "sentence"
+    vocab_size: int | None = None  # learn a byte-level BPE of this many ids from the data (default: CLIP's 49,408)
     quick_gelu: bool = False
     progress: bool = True
 
@@ -152,6 +153,9 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.resume is not None and cfg.resume != "auto" and not Path(cfg.resume).is_file():
         raise CosmosError(f"--resume {cfg.resume}: no such checkpoint file (give a file from "
                           f"{Path(cfg.out) / CHECKPOINT_DIR}, or 'auto' for the latest)")
+    if cfg.vocab_size is not None and (cfg.init is not None or cfg.data == "synthetic"):
+        raise CosmosError("--vocab-size learns a tokenizer from the training captions for a new model; it cannot be "
+                          "used with --init (the file brings its tokenizer) or --data synthetic")
     if cfg.init is not None and cfg.resume is not None:
         raise CosmosError("--init starts a new run from weights, --resume continues one: give only one of them")
 
@@ -261,6 +265,21 @@ def resolve_data(spec: str) -> dict:
             "samples": sum(sizes.values()) if sizes else None}
 
 
+def learn_tokenizer(data: dict, vocab_size: int, max_samples: int = 20000):
+    """A byte-level BPE tokenizer of `vocab_size` ids learned from the sentences of the first `max_samples` training
+    samples (in shard order): a small vocabulary for a small model, carried in every checkpoint."""
+    from ..data.shards import iter_samples
+    from ..data.views import sentence_pool
+    from ..tokenizer import Tokenizer
+
+    sentences = []
+    for i, sample in enumerate(iter_samples("::".join(data["shards"]))):
+        if i >= max_samples:
+            break
+        sentences.extend(sentence_pool(sample["captions"], f"sample {sample['__key__']}"))
+    return Tokenizer.train(sentences, vocab_size)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Optimizer and schedule
 # ---------------------------------------------------------------------------------------------------------------
@@ -363,8 +382,6 @@ class Run:
         self.reporter = reporter or Reporter()
         self.out = Path(cfg.out).expanduser()
         self.device = resolve_device(cfg.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise CosmosError(f"--device {cfg.device}: CUDA is not available on this machine; use --device cpu")
         self.world = D.init_distributed(self.device)
         if self.device.type == "cuda" and self.world.distributed:
             self.device = torch.device("cuda", self.world.local_rank)
@@ -415,6 +432,11 @@ class Run:
         else:
             model_config = get_config(cfg.model)
             model_config.quick_gelu = cfg.quick_gelu
+            if cfg.vocab_size is not None:
+                tokenizer_state = D.broadcast_object(learn_tokenizer(self.data, cfg.vocab_size).state_dict()
+                                                     if self.is_main else None)
+        if tokenizer_state and cfg.vocab_size is not None:
+            model_config.text.vocab_size = Tokenizer.from_state_dict(tokenizer_state).vocab_size
         model_config.cosmos = cfg.mode == "cosmos"
         self.tokenizer = Tokenizer.from_state_dict(tokenizer_state) if tokenizer_state else Tokenizer.clip()
         if self.tokenizer.vocab_size != model_config.text.vocab_size:

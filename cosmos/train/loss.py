@@ -88,13 +88,13 @@ def _lse_pass(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, both: bool,
     r_all, vx, dim = x.shape
     c_all, vy, _ = y.shape
     side = _tile(vx, vy, tile_elements)
+    xs = (x.float() * scale).to(x.dtype)  # the temperature folded into the (small) left operand
     row = torch.full((r_all, vx, vy), float("-inf"), device=x.device)
     col = torch.full((c_all, vy, vx), float("-inf"), device=x.device) if both else None
     for r0, r1 in _spans(r_all, side):
-        xt = x[r0:r1].reshape(-1, dim)  # [r*Vx, D]
+        xt = xs[r0:r1].reshape(-1, dim)  # [r*Vx, D]
         for c0, c1 in _spans(c_all, side):
-            s = _matmul(xt, y[c0:c1].reshape(-1, dim).T).mul_(scale)  # [r*Vx, c*Vy]
-            s = s.view(r1 - r0, vx, c1 - c0, vy)
+            s = _matmul(xt, y[c0:c1].reshape(-1, dim).T).view(r1 - r0, vx, c1 - c0, vy)  # logits
             torch.logaddexp(row[r0:r1], s.logsumexp(dim=2), out=row[r0:r1])
             if both:
                 torch.logaddexp(col[c0:c1], s.logsumexp(dim=0).permute(1, 2, 0), out=col[c0:c1])
@@ -108,22 +108,31 @@ def _grad_pass(x, y, scale, row, col, weights, tile_elements, gx, gy):
     r_all, vx, dim = x.shape
     c_all, vy, _ = y.shape
     side = _tile(vx, vy, tile_elements)
+    folded = bool((weights > 0).all()) and float(scale) > 0
+    if folded:  # w * exp(s - lse) = exp(s - (lse - log w)): the pair weights ride on the small LSE tensors
+        row = row - weights.log()[None]
+        col = col - weights.T.log()[None] if col is not None else None
+        xs = (x.float() * scale).to(x.dtype)  # logits straight from the matmul; d scale = sum(G * logits) / scale
+    else:
+        xs = x
     d_scale = torch.zeros((), device=x.device)
     for r0, r1 in _spans(r_all, side):
-        xt = x[r0:r1].reshape(-1, dim)
+        xt = xs[r0:r1].reshape(-1, dim)
         for c0, c1 in _spans(c_all, side):
             yt = y[c0:c1].reshape(-1, dim)
-            raw = _matmul(xt, yt.T).view(r1 - r0, vx, c1 - c0, vy)  # cosine similarities
-            p = (raw * scale).sub_(row[r0:r1, :, None, :]).exp_()  # softmax over columns
+            s = _matmul(xt, yt.T).view(r1 - r0, vx, c1 - c0, vy)  # logits (folded) or cosines
+            logits = s if folded else s * scale
+            p = torch.sub(logits, row[r0:r1, :, None, :]).exp_()  # softmax over columns
             if col is not None:
-                p.add_((raw * scale).sub_(col[c0:c1].permute(2, 0, 1)[None]).exp_())  # softmax over rows
-            p.mul_(weights[None, :, None, :])
-            d_scale += (p * raw).sum()
-            g = p.view(xt.shape[0], yt.shape[0])  # [r*Vx, c*Vy]
-            gx[r0:r1] += (g.to(xt.dtype) @ yt).float().view(r1 - r0, vx, dim).mul_(scale)
+                p.add_(torch.sub(logits, col[c0:c1].permute(2, 0, 1)[None]).exp_())  # softmax over rows
+            if not folded:
+                p.mul_(weights[None, :, None, :])
+            d_scale += torch.dot(p.view(-1), s.view(-1))
+            g = p.view(xt.shape[0], yt.shape[0]).to(x.dtype)  # [r*Vx, c*Vy]
+            gx[r0:r1] += (g @ yt).float().view(r1 - r0, vx, dim).mul_(scale)
             if gy is not None:
-                gy[c0:c1] += (g.T.to(xt.dtype) @ xt).float().view(c1 - c0, vy, dim).mul_(scale)
-    return d_scale
+                gy[c0:c1] += (g.T @ x[r0:r1].reshape(-1, dim)).float().view(c1 - c0, vy, dim).mul_(scale)
+    return d_scale / scale if folded else d_scale
 
 
 class _MultiViewInfoNCE(torch.autograd.Function):
