@@ -27,7 +27,7 @@ setup(
         "pillow",
         "regex",
         "ftfy",
-        "typer>=0.9",
+        "typer>=0.12,<0.30",  # the CLI's help panels and option handling were designed and tested on this range
         "rich",  # comes with typer; named because the CLI imports it directly
     ],
     extras_require={

@@ -16,8 +16,8 @@ cosmos  The COSMOS step (2 x 64 + 6 x 32 crops, 2 + 6 captions, teacher, tiny co
         materialized with F.cross_entropy). It is our re-creation of that structure, not the official code, which
         is not available on this machine; the official figures quoted in BENCHMARKS.md come from COSMOS_METHOD.md.
 loss    Fused multi-view InfoNCE against the naive one (80 view pairs: the CLIP term 2 x 8 and the distillation
-        16 x 4, D = 512): forward + backward time and peak memory (each in a fresh process, peak RSS above the
-        process's baseline). The naive loss is skipped where its logits alone would not fit in memory.
+        16 x 4, D = 512): forward + backward time and peak memory (each in a fresh process: the resident set
+        size sampled every millisecond during the call, above its value before the call; inputs excluded). The naive loss is skipped where its logits alone would not fit in memory.
 Timings interleave ours and the reference (ours, ref, ours, ...) and report medians.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -232,12 +233,30 @@ def _loss_worker(kind: str, n: int, dtype: str) -> None:
 
     run(features(64))  # warm-up: kernel selection and first-call costs stay out of the timing
     leaves = features(n)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _rss()
+    peak = [base]
+    stop = threading.Event()
+
+    def sample():  # the resident set size every millisecond while the loss runs
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     t = time.perf_counter()
     value = run(leaves)
     elapsed = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"kind": kind, "n": n, "seconds": elapsed, "peak_mib": (peak - base) / 1024, "loss": value}))
+    stop.set()
+    sampler.join()
+    print(json.dumps({"kind": kind, "n": n, "seconds": elapsed, "peak_mib": (max(peak[0], _rss()) - base) / 2**20,
+                      "loss": value}))
+
+
+def _rss() -> int:
+    """Resident set size in bytes (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def bench_loss(args) -> None:

@@ -46,8 +46,8 @@ def recipe(args) -> dict:
     return dict(model="tiny", steps=args.steps, batch_size=args.batch, lr=args.lr, weight_decay=args.wd,
                 warmup=args.warmup, ema_momentum=args.momentum, precision=args.precision, workers=args.workers,
                 local_crops=args.local_crops, global_scale=(args.global_scale, 1.0),
-                local_scale=(args.local_scale_min, args.local_scale_max), log_every=25, save_every=200, keep=1,
-                progress=False)
+                local_scale=(args.local_scale_min, args.local_scale_max), vocab_size=args.vocab_size, log_every=25,
+                save_every=200, keep=1, progress=False)
 
 
 def ensure_data(args) -> Path:
@@ -142,7 +142,8 @@ def write_benchmarks(table: str, args, records: list[dict], total_wall: float) -
 
 `cosmos synth` scenes ({args.n} training, {args.n_eval} per eval set, {args.size} px), tiny model (conv stem), the same
 recipe for every arm: {args.steps} steps x batch {args.batch}, AdamW lr {args.lr} wd {args.wd}, warmup {args.warmup},
-{args.precision}, EMA momentum {args.momentum}, {args.local_crops} local crops, seeds {args.seeds}. Mean ± half the
+{args.precision}, EMA momentum {args.momentum}, {args.local_crops} local crops (global scale {args.global_scale}-1, local
+{args.local_scale_min}-{args.local_scale_max}), a {args.vocab_size}-id BPE learned from the captions, seeds {args.seeds}. Mean ± half the
 range over the seeds, in %. Total wall time {total_wall / 60:.1f} min on the 2-core machine
 (CPU with AVX-512 BF16 / AMX: {cpu}).
 
@@ -166,15 +167,16 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--n-eval", type=int, default=500)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=700)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--wd", type=float, default=0.1)
     parser.add_argument("--warmup", type=int, default=80)
     parser.add_argument("--momentum", type=float, default=0.99)
     parser.add_argument("--local-crops", type=int, default=6)
-    parser.add_argument("--global-scale", type=float, default=0.4)
-    parser.add_argument("--local-scale-min", type=float, default=0.05)
+    parser.add_argument("--global-scale", type=float, default=0.6)
+    parser.add_argument("--local-scale-min", type=float, default=0.1)
+    parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--local-scale-max", type=float, default=0.4)
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--workers", type=int, default=1)

@@ -25,8 +25,9 @@ def classify(
         None, "--labels", "-l", help="comma-separated class names; 'dog;puppy' = several names for one class "
         "(default: the checkpoint's own labels)"),
     weights: str = WEIGHTS,
-    templates: str = typer.Option(
-        "openai", "--templates", "-t", help="openai (80 prompts), simple (7), synth, or one template with {}"),
+    templates: Optional[str] = typer.Option(
+        None, "--templates", "-t", help="openai (80 prompts), simple (7), synth, or one template with {} "
+        "(default: the checkpoint's own, else openai)"),
     top: Optional[int] = typer.Option(
         None, "--top", "-k", min=1, help=f"show the K most likely labels (default: {TABLE_TOP} in tables, all in --json)"),
     as_json: bool = typer.Option(False, "--json", help="print a JSON list instead of tables"),
@@ -42,9 +43,11 @@ def classify(
     from cosmos.zeroshot.templates import parse_labels, resolve_templates
 
     classes = parse_labels(labels) if labels is not None else None
-    template_list = resolve_templates(templates)
+    if templates is not None:
+        resolve_templates(templates)  # checked before the model is loaded
     check_precision(precision)
     model, preprocess, tokenizer = load_model(weights, device, which, quick_gelu)
+    template_list = resolve_templates(templates or getattr(model, "templates", None) or "openai")
     precision = resolve_precision(model_device(model), precision)
     if classes is None:
         classes = model_labels(model)
@@ -72,7 +75,7 @@ def classify(
             update(indices[-1] + 1)
 
     if as_json:
-        typer.echo(json.dumps(results, indent=2))
+        typer.echo(json.dumps(results, indent=2, allow_nan=False))
     else:
         for result in results:
             console.print(Text(result["image"], style="bold"))  # above the table: a long path is not wrapped

@@ -17,7 +17,9 @@ from cosmos.errors import CosmosError
 console = Console()
 err_console = Console(stderr=True)
 
-DEFAULT_WEIGHTS = os.environ.get("COSMOS_WEIGHTS", "cosmos_vitb16_merged30m")
+# The shipped tiny model (weights/cosmos_tiny_synth.pt: synthetic shapes and colours) unless $COSMOS_WEIGHTS says
+# otherwise, so every command works on a fresh install with no network.
+DEFAULT_WEIGHTS = os.environ.get("COSMOS_WEIGHTS") or "cosmos_tiny_synth"
 
 
 def print_error(message: str) -> None:
@@ -45,13 +47,50 @@ def cli_errors(fn: Callable) -> Callable:
         except OSError as e:  # e.g. an output folder that is read-only, a full disk
             reason = e.strerror or str(e)
             fail(f"{e.filename}: {reason}" if e.filename else reason)
-        except KeyboardInterrupt:
-            fail("interrupted", code=130)
+        except KeyboardInterrupt as e:
+            if str(e) == "SIGTERM":
+                fail("terminated (SIGTERM); partial output was removed or can be resumed", code=143)
+            fail("interrupted; partial output was removed or can be resumed", code=130)
 
     return wrapper
 
 
+def check_output(path, option: str, kind: str = "file") -> None:
+    """Before any work: `path` (a file, or a folder when kind="folder") can be written, so an hour of evaluation is
+    not lost at the end. Missing parent folders are fine (they are created) if the nearest existing one is a
+    writable folder."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    if str(path).strip() == "":
+        raise CosmosError(f"{option} is empty; give a {kind} path")
+    if path.exists():
+        if kind == "file" and path.is_dir():
+            raise CosmosError(f"{option} {path}: is a folder; give a file path, e.g. {path / 'results.json'}")
+        if kind == "folder" and not path.is_dir():
+            raise CosmosError(f"{option} {path}: exists and is not a folder")
+        target = path if kind == "folder" else path.parent
+        if not os.access(target, os.W_OK):
+            raise CosmosError(f"{option} {path}: not writable (check the permissions of {target})")
+        return
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise CosmosError(f"{option} {path}: {ancestor} is a file, so no folder can be made under it")
+    if not os.access(ancestor, os.W_OK):
+        raise CosmosError(f"{option} {path}: cannot create it, {ancestor} is not writable")
+
+
 WHICH_HELP = "which weights of a COSMOS checkpoint: teacher (the paper's evaluation) or student"
+
+
+def make_progress(*columns, console: Console | None = None) -> Progress:
+    """A transient rich progress display; switched off when its stream is not a terminal (a pipe, a file, CI), so
+    redirected output holds no bar remnants or blank lines."""
+    console = console or err_console
+    return Progress(*columns, console=console, transient=True, disable=not console.is_terminal)
 
 
 @contextmanager
@@ -59,7 +98,7 @@ def progress_bar(description: str, total: int | None = None) -> Iterator:
     """A rich progress bar on stderr (stdout stays clean for --json); yields update(done, total)."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn()]
-    with Progress(*columns, console=err_console, transient=True) as progress:
+    with make_progress(*columns) as progress:
         task = progress.add_task(escape(description), total=total)
 
         def update(done: int, total_: int | None = None) -> None:

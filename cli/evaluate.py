@@ -14,7 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .common import (
-    DEVICE, PRECISION, QUICK_GELU, WEIGHTS, WHICH, check_precision, cli_errors, console, load_model, progress_bar,
+    DEVICE, PRECISION, QUICK_GELU, WEIGHTS, WHICH, check_output, check_precision, cli_errors, console, load_model,
+    progress_bar,
 )
 from .segment import LOGIT_SCALE, METHOD, SHORT_SIDE, STRIDE, WINDOW, WINDOW_BATCH, segmenter_options
 
@@ -113,6 +114,8 @@ def classification(
     from cosmos.zeroshot.classify import evaluate_classification, folder_classes, read_image_folder
     from cosmos.zeroshot.templates import read_classnames, resolve_templates
 
+    if out is not None:
+        check_output(out, "--out")
     sets = _data_or_synthetic(data, synthetic, {"classify_shape": "classify_shape", "classify_colour": "classify_colour"},
                               classnames)
     default_templates = {"classify_shape": "synth", "classify_colour": "synth-colour"} if synthetic else {}
@@ -166,6 +169,8 @@ def retrieval(
     """Image->text and text->image recall at 1, 5 and 10."""
     from cosmos.zeroshot.retrieval import evaluate_retrieval, load_retrieval_set
 
+    if out is not None:
+        check_output(out, "--out")
     sets = _data_or_synthetic(data, synthetic, {"retrieval": "retrieval/captions.json"})
     check_precision(precision)
     datasets = {name: load_retrieval_set(path, images, split) for name, path in sets.items()}
@@ -228,6 +233,8 @@ def segmentation(
     from cosmos.zeroshot.segment import Segmenter, evaluate_segmentation, read_segmentation_set, with_background
     from cosmos.zeroshot.templates import read_classnames, resolve_templates
 
+    if out is not None:
+        check_output(out, "--out")
     sets = _data_or_synthetic(data, synthetic, {"segment_shape": "segment_shape", "segment_colour": "segment_colour"},
                               classnames)
     default_templates = {"segment_shape": "synth", "segment_colour": "synth-colour"} if synthetic else {}

@@ -5,6 +5,7 @@ Each command lives in its own module and only parses options and calls the libra
 from __future__ import annotations
 
 import importlib
+import signal
 
 import typer
 
@@ -20,15 +21,48 @@ app = typer.Typer(
 COMMAND_MODULES = [
     "preprocess", "train",
     "classify", "segment", "evaluate",
-    "synth",
+    "synth", "demo",
 ]
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("cosmos-vlp")
+        except PackageNotFoundError:  # a source checkout used without installing
+            number = "unknown (not installed)"
+        typer.echo(f"cosmos {number}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """COSMOS vision-language models: prepare data (preprocess, synth), train, and evaluate zero-shot (classify,
+    segment, eval); `cosmos demo` runs the whole job on a CPU in minutes."""
+
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"{__package__}.{_name}").register(app)
 
 
 def main() -> None:
+    import sys
+
+    # File names that are not valid UTF-8 (Latin-1 names from old archives) reach Python as lone surrogates: print
+    # them as \xNN escapes instead of failing on them, in every command's output and messages.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    # SIGTERM (a job scheduler, `kill`) ends a command like Ctrl-C does: one line, outputs cleaned up or resumable.
+    # `cosmos train` installs its own handlers for the time it trains (checkpoint, then stop).
+    signal.signal(signal.SIGTERM, _terminate)
     app()
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt("SIGTERM")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .common import cli_errors, console
+from .common import check_output, cli_errors, console, make_progress
 
 
 def register(app: typer.Typer) -> None:
@@ -31,10 +31,11 @@ def register(app: typer.Typer) -> None:
         """Split captions into sentences, validate them, shrink and re-encode images, write tar shards."""
         from cosmos.data.preprocess import preprocess
 
+        check_output(out, "--out", kind="folder")
         columns = [c.strip() for c in caption_columns.split(",") if c.strip()]
         command = " ".join(shlex.quote(a) for a in ["cosmos", *sys.argv[1:]])
-        with Progress(TextColumn("preprocess"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TimeRemainingColumn(), console=console, transient=True) as bar:
+        with make_progress(TextColumn("preprocess"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                           TimeRemainingColumn(), console=console) as bar:
             task = bar.add_task("samples", total=None)
 
             def progress(done: int, total: int) -> None:

@@ -11,8 +11,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .common import (
-    DEVICE, PRECISION, QUICK_GELU, WEIGHTS, WHICH, check_precision, cli_errors, console, err_console, load_model,
-    model_labels, print_error, progress_bar,
+    DEVICE, PRECISION, QUICK_GELU, WEIGHTS, WHICH, check_output, check_precision, cli_errors, console, err_console,
+    load_model, model_labels, print_error, progress_bar,
 )
 
 # The SCLIP protocol's options, shared with `cosmos eval segmentation`.
@@ -35,6 +35,18 @@ def segmenter_options(method: str, short_side: Optional[int], window: Optional[i
                          check_precision(precision))
 
 
+def _check_mask_classes(classes, bg_threshold) -> None:
+    """The mask PNG is 8-bit with 255 meaning 'ignore': at most 255 classes (a background added by --bg-threshold
+    included). Refused before any work."""
+    from cosmos.errors import CosmosError
+
+    count = len(classes) + (1 if bg_threshold is not None and not any(
+        names and names[0].lower() == "background" for names in classes) else 0)
+    if count > 255:
+        raise CosmosError(f"--labels: {count} classes do not fit the 8-bit mask PNG (at most 255, value 255 is "
+                          "'ignore'); segment with fewer labels")
+
+
 @cli_errors
 def segment(
     images: List[Path] = typer.Argument(..., help="image files", show_default=False),
@@ -44,7 +56,9 @@ def segment(
     weights: str = WEIGHTS,
     method: str = METHOD,
     out: Path = typer.Option(Path("segments"), "--out", "-o", help="folder for the mask and overlay PNGs"),
-    templates: str = typer.Option("openai", "--templates", "-t", help="openai, simple, synth, or one template with {}"),
+    templates: Optional[str] = typer.Option(
+        None, "--templates", "-t", help="openai (80 prompts), simple (7), synth, or one template with {} "
+        "(default: the checkpoint's own, else openai)"),
     short_side: Optional[int] = SHORT_SIDE,
     window: Optional[int] = WINDOW,
     stride: Optional[int] = STRIDE,
@@ -66,13 +80,19 @@ def segment(
     from cosmos.zeroshot.segment import Segmenter, overlay, pixel_shares, save_mask, with_background
     from cosmos.zeroshot.templates import parse_labels, resolve_templates
 
+    check_output(out, "--out", kind="folder")
     classes = parse_labels(labels) if labels is not None else None
-    template_list = resolve_templates(templates)
+    if classes is not None:
+        _check_mask_classes(classes, bg_threshold)
+    if templates is not None:
+        resolve_templates(templates)  # checked before the model is loaded
     config = segmenter_options(method, short_side, window, stride, logit_scale, bg_threshold, batch_size, precision)
     model, _, tokenizer = load_model(weights, device, which, quick_gelu)
+    template_list = resolve_templates(templates or getattr(model, "templates", None) or "openai")
     config.precision = resolve_precision(model_device(model), config.precision)
     if classes is None:
         classes = model_labels(model)
+        _check_mask_classes(classes, bg_threshold)
     classes, titles, background = with_background(classes, bg_threshold)
     with progress_bar("encoding class prompts") as update:
         classifier = build_class_embeddings(model, tokenizer, classes, template_list, precision=config.precision,

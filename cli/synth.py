@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-from .common import cli_errors, console
+from .common import cli_errors, console, make_progress
 
 
 @cli_errors
@@ -27,7 +27,7 @@ def synth(
 
     total = n + n_eval * len(EVAL_SETS)
     columns = (TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
+    with make_progress(*columns, console=console) as bar:
         task = bar.add_task("synth", total=total)
         write_synth(out, n=n, seed=seed, size=size, n_eval=n_eval, overwrite=overwrite, image_format=image_format,
                     masks=masks, maxcount=maxcount, workers=workers,

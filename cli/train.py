@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from .common import cli_errors, console, err_console, fail
+from .common import cli_errors, console, err_console, fail, make_progress
 
 
 class _Bar:
@@ -25,11 +25,13 @@ class _Bar:
     def start(self, total: int, done: int, description: str) -> None:
         if not self.enabled:
             return
-        self.progress = Progress(
+        if self.progress is not None:  # the run re-planned its length (--time-limit)
+            self.progress.update(self.task, total=total, completed=done)
+            return
+        self.progress = make_progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
-            TextColumn("{task.fields[speed]} samples/s"), TimeElapsedColumn(), TimeRemainingColumn(),
-            console=err_console, transient=True)
+            TextColumn("{task.fields[speed]} samples/s"), TimeElapsedColumn(), TimeRemainingColumn())
         self.progress.start()
         self.task = self.progress.add_task(description, total=total, completed=done, loss="-", lr="-", speed="-")
 
@@ -137,6 +139,8 @@ def train(
     vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="learn a byte-level BPE vocabulary of this "
                                              "many ids from the training captions (default: CLIP's 49,408)"),
     quick_gelu: bool = typer.Option(False, "--quick-gelu"),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="minutes: fit the run into this time "
+                                               "(the step count and schedule follow the measured pace)"),
     nproc: int = typer.Option(1, "--nproc", help="launch torchrun with N processes on this node"),
 ) -> None:
     """Train COSMOS (or a CLIP baseline) and write a run folder; see README 'cosmos train'."""
@@ -156,7 +160,7 @@ def train(
         distill_image=distill_image, distill_text=distill_text, cross_attention=cross_attention,
         local_crops=local_crops, global_scale=_pair(global_scale, "--global-scale"),
         local_scale=_pair(local_scale, "--local-scale"), hflip=hflip, clip_text=clip_text, quick_gelu=quick_gelu,
-        vocab_size=vocab_size,
+        vocab_size=vocab_size, time_limit_s=time_limit * 60 if time_limit is not None else None,
     )
     rank = int(os.environ.get("RANK", "0") or 0)
     bar = _Bar(enabled=rank == 0)

@@ -20,6 +20,7 @@ import socket
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +28,7 @@ import torch
 
 from .errors import CosmosError
 from .model.cosmos import CosmosConfig, CosmosModel, TextConfig, VisionConfig, is_cosmos_extra
-from .paths import cache_dir
+from .paths import cache_dir, file_mode
 
 FORMAT = "cosmos"
 FORMAT_VERSION = 1
@@ -39,6 +40,11 @@ RELEASED = {
     for patch in (16, 32)
     for data in ("cc3m", "cc12m", "yfcc15m", "merged30m", "pixelprose")
 }
+
+
+# The tiny COSMOS model trained on `cosmos synth` scenes, shipped in weights/ (the CLI's default model).
+SHIPPED_NAME = "cosmos_tiny_synth"
+SHIPPED_FILE = "cosmos_tiny_synth.pt"
 
 
 def hub_url(name: str) -> str:
@@ -61,9 +67,13 @@ def download(name: str, progress: ProgressFn | None = None, timeout: float = 30.
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(target.with_name(target.name + ".lock")):
-        if not target.is_file():  # another process may have finished it while we waited
-            _fetch(name, hub_url(name), target, progress, timeout)
+    lock = target.with_name(target.name + ".lock")
+    with _file_lock(lock):
+        try:
+            if not target.is_file():  # another process may have finished it while we waited
+                _fetch(name, hub_url(name), target, progress, timeout)
+        finally:
+            lock.unlink(missing_ok=True)  # no stale .lock left behind, whether the download worked or not
     return target
 
 
@@ -150,15 +160,42 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise CosmosError(f"{path}: is a directory, not a checkpoint file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for bad files; all mean "not a readable checkpoint"
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "Weights only load failed" in text:
-            text = "it holds objects other than tensors and plain containers, refused for safety"
-        raise CosmosError(f"{path}: not a readable PyTorch checkpoint (truncated or another kind of file?): {text}")
+        with warnings.catch_warnings():  # torch's own warnings would print before our one-line message
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for bad files; say what this file is instead
+        raise CosmosError(_unreadable(path, e)) from None
     if not isinstance(obj, dict):
         raise CosmosError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dict or state dict")
+    version = obj.get("format_version")
+    if obj.get("format") == FORMAT and isinstance(version, int) and version > FORMAT_VERSION:
+        raise CosmosError(f"{path}: written by a newer cosmos (checkpoint format version {version}; this one reads up "
+                          f"to {FORMAT_VERSION}); upgrade cosmos to load it")
     return obj
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """One sentence saying what a file that torch.load(weights_only=True) refused is."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if "Weights only load failed" in str(error):
+        return (f"{path}: a pickle holding Python objects other than tensors (loading it could run code), refused "
+                "for safety; if you trust it, load it yourself and re-save its state dict with torch.save")
+    if not head:
+        return f"{path}: an empty file, not a checkpoint"
+    if head.startswith(b"PK\x03\x04"):
+        return f"{path}: a damaged or truncated checkpoint (its zip archive cannot be read: {text}); copy or download it again"
+    if head[:1] == b"\x80":
+        return f"{path}: a damaged or truncated legacy (non-zip) PyTorch checkpoint ({text}); copy or download it again"
+    try:
+        head.decode("utf-8")
+        printable = all(c >= 32 or c in (9, 10, 13) for c in head)
+    except UnicodeDecodeError:
+        printable = False
+    if printable:
+        return f"{path}: a text file, not a PyTorch checkpoint; pass a .pt / .bin / .pth file written by torch.save"
+    return f"{path}: not a PyTorch checkpoint (unknown format: {text})"
 
 
 def _strip_module(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -271,14 +308,21 @@ def _abbrev(items: list[str], n: int = 6) -> str:
 
 
 def resolve_weights(weights: str | Path, progress: ProgressFn | None = None) -> Path:
-    """A path as given, or a registry name downloaded into the cache."""
+    """A path as given, the shipped model's name, or a released name downloaded into the cache."""
+    if not str(weights).strip():
+        raise CosmosError(f"--weights is empty; give a checkpoint file, {SHIPPED_NAME} (the shipped model) or a "
+                          f"released name ({', '.join(RELEASED)})")
     path = Path(weights).expanduser()
     if path.exists():
         return path
+    if str(weights) == SHIPPED_NAME:
+        from .paths import find_shipped
+
+        return find_shipped(SHIPPED_FILE)
     if str(weights) in RELEASED:
         return download(str(weights), progress=progress)
     raise CosmosError(
-        f"{weights}: no such file, and not a known checkpoint name (known: {', '.join(RELEASED)})"
+        f"{weights}: no such file, and not a known checkpoint name (known: {SHIPPED_NAME}, {', '.join(RELEASED)})"
     )
 
 
@@ -313,6 +357,7 @@ def load_model(
     load_state(model, sd, str(path), assign=True)
     labels = meta.get("labels")
     model.labels = list(labels) if labels else None
+    model.templates = meta.get("templates") if isinstance(meta.get("templates"), (str, list)) else None
     return model.to(target).eval(), meta
 
 
@@ -341,6 +386,7 @@ def save(
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        os.chmod(tmp, file_mode())  # as any other file this process writes, not mkstemp's 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

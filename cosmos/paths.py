@@ -42,3 +42,33 @@ def cache_dir() -> Path:
         return Path(os.environ["COSMOS_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "cosmos"
+
+
+def printable(text: str) -> str:
+    """`text` with the bytes of a non-UTF-8 file name (held by Python as lone surrogates, e.g. a Latin-1 'café.jpg'
+    listed on a UTF-8 system) written as \\xNN escapes: safe to print and to store in UTF-8 JSON, and readable."""
+    if not isinstance(text, str):
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def json_safe(obj):
+    """A copy of a JSON-able object with every string (keys too) passed through `printable`."""
+    if isinstance(obj, str):
+        return printable(obj)
+    if isinstance(obj, dict):
+        return {json_safe(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def file_mode() -> int:
+    """The permissions a new file gets under this process's umask (mkstemp would make it 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask

@@ -9,6 +9,8 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .paths import file_mode
+
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
@@ -42,6 +44,7 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     os.close(fd)
     try:
         image.save(tmp, format="PNG")
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -124,9 +124,9 @@ def test_clip_checkpoint_gives_clip_tokenizer(tmp_path):
 
 
 @pytest.mark.parametrize("kind, message", [
-    ("text", "not a readable PyTorch checkpoint"),
-    ("truncated", "not a readable PyTorch checkpoint"),
-    ("empty", "not a readable PyTorch checkpoint"),
+    ("text", "a text file, not a PyTorch checkpoint"),
+    ("truncated", "a damaged or truncated checkpoint"),
+    ("empty", "an empty file, not a checkpoint"),
     ("list", "holds a list"),
     ("missing", "missing keys"),
     ("unexpected", "unexpected keys"),

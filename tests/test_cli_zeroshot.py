@@ -260,7 +260,7 @@ def test_classify_text_file_as_weights(images, tmp_path):
     weights = tmp_path / "weights.pt"
     weights.write_text("this is not a checkpoint\n")
     line = one_line_error(run("classify", images["png"], "-l", "cat,dog", "-w", weights))
-    assert str(weights) in line and "not a readable PyTorch checkpoint" in line
+    assert str(weights) in line and "a text file, not a PyTorch checkpoint" in line
 
 
 def test_classify_missing_weights_and_bad_template(images, tmp_path):

@@ -144,7 +144,7 @@ def test_bad_input_gets_one_line_and_writes_nothing(synth, tmp_path):
     assert "no such" in one_line_error(invoke("train", "--data", tmp_path / "missing", "--out", out, "--steps", 2, *FAST))
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint")
-    assert "not a readable PyTorch checkpoint" in one_line_error(
+    assert "a text file, not a PyTorch checkpoint" in one_line_error(
         invoke("train", "--data", synth, "--out", out, "--steps", 2, "--init", text, *FAST))
     line = one_line_error(invoke("train", "--data", synth, "--out", out, "--steps", 2, *FAST[:2], "--batch-size",
                                  "200", *FAST[4:]))

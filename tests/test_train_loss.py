@@ -365,3 +365,24 @@ def test_accumulation_4_x_8_equals_one_batch_of_32(mode):
     for name in g1:
         assert rel_err(g4[name], g1[name]) <= 1e-4, name
     assert "logit_scale" in g1 and (mode != "cosmos" or "distill_logit_scale" in g1)
+
+
+def test_length_buckets_change_nothing_but_the_padding_computed():
+    # 40 samples x 2 global captions = 80 rows: two length buckets (64 + 16); caption #1's rows land in both
+    torch.manual_seed(3)
+    model = CosmosModel(small_config()).eval()
+    b = 40
+    g = torch.randn(b, 2, 3, 32, 32)
+    gt = torch.randint(1, 298, (b, 2, 20))
+    ends = torch.randint(2, 19, (b, 2, 1))
+    gt.masked_fill_(torch.arange(20) > ends, 0)
+    gt.scatter_(2, ends, 299)
+    with torch.no_grad():
+        out = model.forward_train(g, gt, cross=("image",))
+        ref_text = F.normalize(model.encode_text(gt.transpose(0, 1).reshape(2 * b, 20)), dim=-1).view(2, b, -1)
+        assert torch.allclose(out["text"], ref_text, atol=1e-5)
+        q = model.encode_image(g.transpose(0, 1).reshape(2 * b, 3, 32, 32)).view(2, b, -1).transpose(0, 1)
+        _, tokens = model.encode_text_views(gt[:, 0])
+        mask = torch.arange(20)[None] > ends[:, 0]
+        h = F.normalize(model.cross_text(q, tokens, mask), dim=-1).transpose(0, 1)
+        assert torch.allclose(out["h_image"], h, atol=1e-5)

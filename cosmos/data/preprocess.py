@@ -19,10 +19,10 @@ split into sentences OFFLINE and stored as a list, so a text crop is a draw of w
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
-import multiprocessing
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 from PIL import Image
 
 from ..errors import CosmosError, ImageDecodeError
+from ..workers import imap_in_pool
 from ..images import IMAGE_EXTENSIONS, decode_image
 from .shards import (
     MANIFEST_FILE,
@@ -138,6 +139,30 @@ def _not_utf8(value: Any) -> bool:
     return False
 
 
+def _check_encoding(path: Path) -> None:
+    """Refuse a table in UTF-16 / UTF-32 (Excel's "Unicode text") as a whole, saying how to convert it."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    for bom, name in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF16_LE, "UTF-16"),
+                      (codecs.BOM_UTF16_BE, "UTF-16")):
+        if head.startswith(bom):
+            raise CosmosError(f"{path}: line 1: the file is {name} text, not UTF-8; convert it from {name} to UTF-8 "
+                              f"(e.g. `iconv -f {name} -t UTF-8 {path.name} > utf8.{path.suffix.lstrip('.')}`, or "
+                              "save it as 'CSV UTF-8' in Excel)")
+
+
+def _encoding_hint(raw: bytes) -> str:
+    """What the non-UTF-8 bytes of a row probably are, and how to convert the file."""
+    try:
+        raw.decode("cp1252")
+        guess = "Windows-1252 (Latin-1)"
+        source = "CP1252"
+    except UnicodeDecodeError:
+        guess, source = "an 8-bit encoding", "ENCODING"
+    return (f"; it looks like {guess}: convert the file from {guess.split(' ')[0]} to UTF-8 "
+            f"(`iconv -f {source} -t UTF-8 FILE > FILE.utf8`)")
+
+
 def list_table(path: Path, image_column: str, caption_columns: list[str]) -> list[Job]:
     """Rows of a CSV / TSV (header row) or JSONL file; image paths relative to the file's folder.
 
@@ -154,7 +179,8 @@ def list_table(path: Path, image_column: str, caption_columns: list[str]) -> lis
 
     def add_row(row: dict[str, Any], where: str) -> None:
         if _not_utf8(row):
-            bad("caption-not-utf8", where, "not valid UTF-8; re-save the file as UTF-8")
+            raw = "".join(v for v in row.values() if isinstance(v, str)).encode("utf-8", "surrogateescape")
+            bad("caption-not-utf8", where, f"not valid UTF-8{_encoding_hint(raw)}")
             return
         image = row.get(image_column)
         if not isinstance(image, str) or not image.strip():
@@ -164,17 +190,20 @@ def list_table(path: Path, image_column: str, caption_columns: list[str]) -> lis
         image_path = image_path if image_path.is_absolute() else root / image_path
         jobs.append(Job(len(jobs), str(image_path), columns={c: row.get(c) for c in caption_columns}))
 
+    _check_encoding(path)
     if path.suffix.lower() == ".jsonl":
         checked = False
         with open(path, "rb") as f:
             for line_no, raw in enumerate(f, start=1):
+                if line_no == 1 and raw.startswith(codecs.BOM_UTF8):  # Excel and Notepad write one
+                    raw = raw[len(codecs.BOM_UTF8):]
                 if not raw.strip():
                     continue
                 where = f"{path}: line {line_no}"
                 try:
                     row = json.loads(raw.decode("utf-8"))
                 except UnicodeDecodeError:
-                    bad("caption-not-utf8", where, "not UTF-8")
+                    bad("caption-not-utf8", where, f"not UTF-8{_encoding_hint(raw)}")
                     continue
                 except ValueError as e:
                     bad("bad-row", where, f"not JSON ({e})")
@@ -189,7 +218,7 @@ def list_table(path: Path, image_column: str, caption_columns: list[str]) -> lis
         return jobs
 
     tsv = path.suffix.lower() == ".tsv"
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:  # -sig: drop a BOM
         if tsv:
             reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         else:
@@ -463,8 +492,31 @@ def preprocess(
         raise CosmosError(f"--quality must be between 1 and 100, got {quality}")
     if workers < 1:
         raise CosmosError(f"--workers must be at least 1, got {workers}")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise CosmosError(f"--shard-size must be at least 1 sample per shard, got {shard_size}")
     jobs = list_source(src, image_column, caption_columns, exclude=out)
+    created = not out.exists()
     prepare_out_dir(out, overwrite, src)
+    try:
+        result = _write_shards(src, out, jobs, max_size, quality, workers, shard_size, image_column, caption_columns,
+                               command, progress)
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM) or failed: leave no partial output, so a rerun just works
+        for pattern in _OUR_FILES:
+            for p in out.glob(pattern):
+                p.unlink(missing_ok=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    if result.written == 0:  # the manifest stays: it says why every sample was skipped
+        first = result.skipped[0]["reason"] if result.skipped else "no samples"
+        raise CosmosError(f"{src}: no good samples, all {len(jobs)} were skipped (first: {first}); "
+                          f"see {out / MANIFEST_FILE}")
+    return result
+
+
+def _write_shards(src: Path, out: Path, jobs: list, max_size: int, quality: int, workers: int, shard_size: int,
+                  image_column: str, caption_columns: list[str] | None, command: str | None,
+                  progress: Callable[[int, int], None] | None) -> PreprocessResult:
     settings = _Settings(max_size=max_size, quality=quality)
     result = PreprocessResult(out_dir=str(out), total=len(jobs), written=0)
     started = time.time()
@@ -480,10 +532,6 @@ def preprocess(
     result.shards = dict(writer.sizes)
     _write_manifest(out, src, result, writer, settings, workers, shard_size, image_column, caption_columns, command,
                     started)
-    if result.written == 0:
-        first = result.skipped[0]["reason"] if result.skipped else "no samples"
-        raise CosmosError(f"{src}: no good samples, all {len(jobs)} were skipped (first: {first}); "
-                          f"see {out / MANIFEST_FILE}")
     return result
 
 
@@ -494,8 +542,7 @@ def _run(jobs: list[Job], settings: _Settings, workers: int) -> Iterator[tuple[s
             yield process_job(job, settings)
         return
     chunk = max(1, min(16, len(jobs) // (workers * 8)))
-    with multiprocessing.get_context().Pool(workers) as pool:
-        yield from pool.imap(_process_star, ((job, settings) for job in jobs), chunksize=chunk)
+    yield from imap_in_pool(_process_star, ((job, settings) for job in jobs), workers, chunksize=chunk)
 
 
 def _write_manifest(out: Path, src: Path, result: PreprocessResult, writer: ShardWriter, settings: _Settings,

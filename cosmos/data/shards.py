@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ..paths import json_safe
 from ..errors import CosmosError
 
 SIZES_FILE = "sizes.json"
@@ -142,7 +143,7 @@ def sample_files(
         raise CaptionContentError(f"sample {key!r}: the raw caption is not valid UTF-8 (it holds a lone "
                                   "surrogate); fix the text encoding of this caption", "caption-not-utf8") from None
     try:
-        record_json = json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8")
+        record_json = json.dumps(json_safe(record), ensure_ascii=False, sort_keys=True).encode("utf-8")
     except UnicodeEncodeError:
         raise CaptionContentError(f"sample {key!r}: a metadata value is not valid UTF-8 (it holds a lone "
                                   "surrogate); fix the text encoding of this sample's metadata",
@@ -173,7 +174,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, (json.dumps(json_safe(obj), indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def write_manifest(out_dir: str | Path, manifest: dict) -> None:

@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import CosmosError
+from ..workers import imap_in_pool
 from .shards import ShardWriter, atomic_write_bytes, sample_files, write_manifest
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -71,6 +72,7 @@ TEXTURES = ("plain", "striped", "checkered", "speckled")
 SIZE_RADIUS = {"small": (0.18, 0.25), "large": (0.36, 0.44)}  # half-extent as a fraction of the cell side
 MAX_OBJECTS = 4
 MIN_SIZE = 32
+MAX_SIZE = 4096
 FORMATS = ("png", "jpg")
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -405,9 +407,8 @@ def _rendered(jobs: Iterable[_Job], workers: int) -> Iterator[tuple[str, int, di
         return
     # Workers only run PIL and numpy, so fork (where the platform has it) is safe and spares each worker
     # re-importing the package; elsewhere spawn (the caller's script then needs an `if __name__ == "__main__"`).
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    with context.Pool(workers) as pool:
-        yield from pool.imap(_render, jobs, chunksize=64)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    yield from imap_in_pool(_render, jobs, workers, chunksize=64, start_method=method)
 
 
 def default_workers() -> int:
@@ -435,6 +436,9 @@ def _check_options(n: int, seed: int, size: int, n_eval: int, image_format: str,
                 "--maxcount": f"--maxcount {maxcount}: each shard needs room for at least 1 sample",
                 "--workers": f"--workers {workers}: must be >= 0 (0 = one per CPU core)",
             }[option])
+    if size > MAX_SIZE:
+        raise CosmosError(f"--size {size}: scenes are at most {MAX_SIZE} px (the generator holds several full-size "
+                          "arrays per scene and worker); models train on 64-224 px crops, so 128-512 is plenty")
     if image_format not in FORMATS:
         raise CosmosError(f"image format {image_format!r} is not supported; use one of {', '.join(FORMATS)}")
 

@@ -120,7 +120,8 @@ class CosmosModel(TextTower):
             self.text_attn_cross_pool = CrossAttentionPooler(e, cfg.cross_pool_heads)
             self.image_token_mapping = nn.Linear(v.width, e)
             self.text_token_mapping = nn.Linear(t.width, e)
-        self.labels: list[str] | None = None  # class names a checkpoint may carry (segmentation default)
+        self.labels: list[str] | None = None  # class names a checkpoint may carry (the CLI's default labels)
+        self.templates: str | list[str] | None = None  # prompt templates it was trained for (the CLI's default)
 
     # --- sizes ----------------------------------------------------------------------------------------------
     @property
@@ -203,11 +204,11 @@ class CosmosModel(TextTower):
                 the patch tokens of global crop #1 (C^I);
             "logit_scale", "distill_logit_scale": the exponentiated temperatures (0-dim), so the loss's use of them
                 goes through this forward as well.
-        text_padding_mask=True runs the captions like the crops, one batch per kind (global, local), each trimmed
-        to its longest caption (rounded up to a multiple of 8; end-of-text pooling and the causal mask make the
-        pooled embeddings identical, and one-sentence local captions are much shorter than global ones), and masks
-        the padding after end-of-text in C^T, so h_I does not depend on how much padding a batch has. False is the
-        official behaviour (quirk 2): all captions in one batch of `ctx` positions, padding attended to.
+        text_padding_mask=True runs each kind of caption (global, local) in length buckets, each trimmed to its
+        longest caption (`encode_text_bucketed`; end-of-text pooling and the causal mask make the pooled embeddings
+        identical, while most padding is never computed), and masks the padding after end-of-text in C^T, so h_I
+        does not depend on how much padding a batch has. False is the official behaviour (quirk 2): all captions in
+        one batch of `ctx` positions, padding attended to.
         """
         b, n_global = global_crops.shape[:2]
         crops = global_crops.transpose(0, 1).reshape(n_global * b, *global_crops.shape[2:])  # [Vg*B, 3, G, G]
@@ -226,11 +227,13 @@ class CosmosModel(TextTower):
         for group in groups:
             ids = group.transpose(0, 1).reshape(group.shape[1] * b, -1)  # [V*B, ctx]
             if text_padding_mask:
-                ids = trim_padding(ids)
-            pooled_t, tokens_t = self.encode_text_features(ids)  # [V*B, E], [V*B, L, Wt]
+                pooled_t, tokens_t, ids_t = self.encode_text_bucketed(ids, b if first_tokens is None else 0)
+            else:
+                pooled_t, tokens_t = self.encode_text_features(ids)  # [V*B, E], [V*B, L, Wt]
+                tokens_t, ids_t = tokens_t[:b], ids[:b]
             pooled.append(pooled_t.view(group.shape[1], b, -1))
             if first_tokens is None:  # caption #1 = the first b rows
-                first_tokens, first_ids = tokens_t[:b], ids[:b]
+                first_tokens, first_ids = tokens_t, ids_t
         text_emb = torch.cat(pooled)  # [Vt, B, E]
 
         out = {"image": F.normalize(image.float(), dim=-1), "text": F.normalize(text_emb.float(), dim=-1),
@@ -248,6 +251,39 @@ class CosmosModel(TextTower):
             h = self.cross_image(text_emb.transpose(0, 1), tokens_g[:b])  # [B, Vt, E]
             out["h_text"] = F.normalize(h.transpose(0, 1).float(), dim=-1)
         return out
+
+    def encode_text_bucketed(self, ids: torch.Tensor, keep: int, buckets: int = 4):
+        """Captions [M, ctx] in length buckets: sorted by length, cut into `buckets` groups (of at least 64), each
+        trimmed to its own longest caption, so little padding is computed (the pooled embeddings are those of the
+        untrimmed captions: end-of-text pooling under a causal mask). Returns the pooled embeddings [M, E] in input
+        order and, for the first `keep` rows (caption #1), token states [keep, L, Wt] and ids [keep, L], L their
+        longest; positions past a row's bucket length are zeros there, and padding, which C^T masks."""
+        m = ids.shape[0]
+        order = torch.argsort(ids.argmax(dim=-1), stable=True)  # by end-of-text position
+        size = max(64, -(-m // buckets))
+        rows, pooled, tokens = [], [], []
+        for start in range(0, m, size):
+            r = order[start:start + size]
+            p, t = self.encode_text_features(trim_padding(ids[r]))  # [n, E], [n, L_b, Wt]
+            rows.append(r)
+            pooled.append(p)
+            tokens.append(t)
+        all_rows = torch.cat(rows)
+        pooled = torch.cat(pooled)
+        pooled = torch.empty_like(pooled).index_copy(0, all_rows, pooled)  # back to input order
+        if not keep:
+            return pooled, None, None
+        width = trim_padding(ids[:keep]).shape[1]
+        picked, where = [], []
+        for r, t in zip(rows, tokens):
+            sel = (r < keep).nonzero().flatten()
+            if sel.numel():
+                t = t[sel][:, :width]
+                picked.append(F.pad(t, (0, 0, 0, width - t.shape[1])))  # [k, width, Wt]
+                where.append(r[sel])
+        picked = torch.cat(picked)
+        first = torch.empty_like(picked).index_copy(0, torch.cat(where), picked)  # [keep, width, Wt]
+        return pooled, first, ids[:keep, :width]
 
     def clamp_logit_scales(self) -> None:
         """Keep both temperatures in [0, ln 100], as after every optimizer step in CLIP and COSMOS."""

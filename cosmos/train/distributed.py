@@ -108,6 +108,14 @@ def all_reduce_mean(value: float, device: torch.device | None = None) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
+def all_reduce_min(value: int, device: torch.device | None = None) -> int:
+    if not is_distributed():
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def any_rank(flag: bool, device: torch.device | None = None) -> bool:
     """True when `flag` is true on any rank (every rank gets the same answer, so all stop at the same step)."""
     if not is_distributed():

@@ -19,7 +19,6 @@ import math
 import torch
 
 from ..model.cosmos import CosmosModel
-from ..model.text import trim_padding
 
 
 def default_momentum(global_batch: int) -> float:
@@ -84,6 +83,6 @@ class Teacher:
         image = self.model.encode_image(global_crops.transpose(0, 1).reshape(vg * b, *global_crops.shape[2:]))
         g = global_text.shape[1]
         ids = global_text.transpose(0, 1).reshape(g * b, -1)  # [G*B, ctx]
-        text = self.model.encode_text(trim_padding(ids))
+        text = self.model.encode_text_bucketed(ids, keep=0)[0]  # length buckets, as the student's captions
         return {"image": torch.nn.functional.normalize(image.float().view(vg, b, -1), dim=-1),
                 "text": torch.nn.functional.normalize(text.float().view(g, b, -1), dim=-1)}

@@ -97,6 +97,8 @@ class TrainConfig:
     vocab_size: int | None = None  # learn a byte-level BPE of this many ids from the data (default: CLIP's 49,408)
     quick_gelu: bool = False
     progress: bool = True
+    time_limit_s: float | None = None  # fit the run into this much time: the step count (and schedule) is set from
+    # the measured speed after a few steps, and training stops when the time is up
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -553,6 +555,8 @@ class Run:
         for key in sorted(set(ours) | set(theirs)):
             if key in RESUMABLE_CHANGES or key in ("device", "world_size"):
                 continue
+            if cfg_time_limited(theirs) and key in ("total_steps", "warmup"):
+                continue  # set from the measured pace
             if key == "data" and ours.get("shards_digest") == theirs.get("shards_digest"):
                 continue
             if ours.get(key) != theirs.get(key):
@@ -591,9 +595,11 @@ class Run:
         teacher = self.teacher.model if self.teacher is not None else None
         labels = self.labels()
         path = self.out / CHECKPOINT_DIR / f"step_{self.step:08d}.pt"
-        save(path, self.student, self.tokenizer, labels, teacher, extra={"train": train_state, "step": self.step})
-        save(self.out / "model.pt", self.student, self.tokenizer, labels, teacher,
-             extra={"step": self.step, "mode": self.cfg.mode})
+        meta = {"step": self.step, "mode": self.cfg.mode}
+        if self.data.get("synth_root") is not None:
+            meta["templates"] = "synth"  # caption-style prompts: what a model of these scenes understands
+        save(path, self.student, self.tokenizer, labels, teacher, extra={"train": train_state, **meta})
+        save(self.out / "model.pt", self.student, self.tokenizer, labels, teacher, extra=meta)
         for old in sorted((self.out / CHECKPOINT_DIR).glob("step_*.pt"))[: -self.cfg.keep]:
             old.unlink(missing_ok=True)
         self._plot()
@@ -739,6 +745,8 @@ class Run:
                             self.reporter.message("  ".join(f"{k} {100 * v:.1f}" for k, v in result.items()
                                                             if v is not None))
                         D.barrier()
+                    if cfg.time_limit_s is not None:
+                        self._fit_time(time.perf_counter() - t_start, start_step)
                     if D.any_rank(self.stop.signal is not None, self._flag_device()):
                         stopped = "signal"
                         break
@@ -754,6 +762,21 @@ class Run:
         return TrainResult(self.out, self.step, self.out / "model.pt", checkpoint, self.metrics, wall,
                            done * self.global_batch / wall if wall > 0 else 0.0, stopped)
 
+    def _fit_time(self, elapsed: float, start_step: int) -> None:
+        """--time-limit: after 5 steps, set the total from the measured pace (the schedule follows); stop at the
+        limit in any case. Every rank agrees (the slowest rank's view wins)."""
+        done = self.step - start_step
+        limit = self.cfg.time_limit_s
+        if done == 5 or elapsed >= limit:
+            pace = elapsed / done
+            fit = self.step if elapsed >= limit else self.step + int((limit - elapsed) / pace)
+            self.total_steps = max(self.step, D.all_reduce_min(min(fit, self.total_steps), self._flag_device()))
+            if self.cfg.warmup is None:
+                self.warmup = min(self.warmup, self.total_steps // 10)
+            if self.teacher is not None:
+                self.teacher.total_steps = self.total_steps
+            self.reporter.start(self.total_steps, self.step, "")
+
     def _flag_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
@@ -766,6 +789,10 @@ class Run:
         D.all_reduce_sum(t)
         t /= self.world.world_size
         return dict(zip(keys, t.tolist()))
+
+
+def cfg_time_limited(config: dict) -> bool:
+    return config.get("time_limit_s") is not None
 
 
 def _close(generator) -> None:

@@ -68,7 +68,7 @@ def encode_texts(
         tokens = tokenizer(list(texts[start : start + batch_size])).to(device)  # [b, L]
         with autocast(device, precision):
             features = model.encode_text(tokens)  # [b, E]
-        chunks.append(F.normalize(features.float(), dim=-1))
+        chunks.append(check_finite(F.normalize(features.float(), dim=-1), "text embeddings", precision))
         if progress:
             progress(len(tokens))
     return torch.cat(chunks)  # [M, E]
@@ -121,7 +121,16 @@ def encode_images(model, images: torch.Tensor, precision: str = "fp32") -> torch
     device = model_device(model)
     with autocast(device, precision):
         features = model.encode_image(images.to(device))  # [B, E]
-    return F.normalize(features.float(), dim=-1)
+    return check_finite(F.normalize(features.float(), dim=-1), "image embeddings", precision)
+
+
+def check_finite(features: torch.Tensor, what: str, precision: str) -> torch.Tensor:
+    """Refuse NaN / inf features with a message, so no table or JSON ever shows NaN scores."""
+    if not torch.isfinite(features).all():
+        hint = "; try --precision fp32" if precision != "fp32" else ""
+        raise CosmosError(f"the model produced non-finite {what} (NaN or inf): the checkpoint's weights are damaged or "
+                          f"overflow{hint}")
+    return features
 
 
 @torch.no_grad()

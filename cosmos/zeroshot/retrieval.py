@@ -55,16 +55,24 @@ def retrieval_ranks(
 def recall_at_k(
     image_features: torch.Tensor, text_features: torch.Tensor, text_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
 ) -> dict[str, float]:
-    """{"i2t_R@1": ..., "t2i_R@1": ..., ...} as fractions (images without captions are left out of i2t)."""
+    """{"i2t_R@1": ..., "t2i_R@1": ..., ...} as fractions (images without captions are left out of i2t).
+
+    A recall that every query reaches whatever the model does is None (shown as '-', null in JSON), the rule top-k
+    classification follows: text->image R@k when there are no more than k images; image->text R@k when no image
+    has k or more wrong captions to compete with (e.g. retrieval over one image)."""
     i2t, t2i = retrieval_ranks(image_features, text_features, text_image)
-    i2t = i2t[i2t >= 0]
+    has_caption = i2t >= 0
+    i2t = i2t[has_caption]
     if len(i2t) == 0 or len(t2i) == 0:
         raise CosmosError("retrieval needs at least one image with a caption")
+    own = torch.bincount(text_image.cpu(), minlength=image_features.shape[0])[has_caption.cpu()]
+    most_wrong = int((len(t2i) - own).max())  # wrong captions of the image with the most of them
+    n_images = image_features.shape[0]
     out = {}
     for k in ks:
-        out[f"i2t_R@{k}"] = (i2t < k).float().mean().item()
+        out[f"i2t_R@{k}"] = (i2t < k).double().mean().item() if k <= most_wrong else None
     for k in ks:
-        out[f"t2i_R@{k}"] = (t2i < k).float().mean().item()
+        out[f"t2i_R@{k}"] = (t2i < k).double().mean().item() if k < n_images else None
     return out
 
 
@@ -110,6 +118,14 @@ def load_retrieval_set(path: str | Path, images: str | Path | None = None, split
     image_paths: list[Path] = []
     captions: list[str] = []
     text_image: list[int] = []
+    entries = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise CosmosError(f"{path}: no 'images' list; expected a COCO captions JSON (images + annotations) or a "
+                          "Karpathy-style JSON (images[].filename / split / sentences)")
+    coco_like = any(isinstance(e, dict) and "file_name" in e for e in entries)
+    if coco_like and "annotations" not in data:
+        raise CosmosError(f"{path}: a COCO-style file (images[].file_name) without 'annotations', so it holds no "
+                          "captions; use the captions file (e.g. captions_val2017.json)")
     if "annotations" in data:  # COCO captions
         index_of = {}
         for entry in data["images"]:

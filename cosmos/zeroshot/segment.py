@@ -35,7 +35,7 @@ from ..device import autocast
 from ..errors import CosmosError
 from ..images import IMAGE_EXTENSIONS, open_image
 from ..transforms import CLIP_MEAN, CLIP_STD
-from .classify import ClassEmbeddings, Progress, model_device
+from .classify import ClassEmbeddings, Progress, check_finite, model_device
 
 IGNORE_INDEX = 255
 REFERENCE_INPUT, REFERENCE_SHORT_SIDE, REFERENCE_LONG_SIDE = 224, 336, 2048  # SCLIP's sizes for a 224 px model
@@ -71,6 +71,8 @@ class SegmentConfig:
             raise CosmosError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.batch_size < 1:
             raise CosmosError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not self.logit_scale > 0 or self.logit_scale != self.logit_scale:
+            raise CosmosError(f"--logit-scale must be a positive number (SCLIP uses 40), got {self.logit_scale}")
 
     def sizes(self, image_size: int, patch_size: int = 1) -> tuple[int, int, int]:
         """(short side, window, stride) for a model with input size `image_size` and patches of `patch_size`."""
@@ -293,7 +295,7 @@ class Segmenter:
         device = model_device(self.model)
         with autocast(device, self.config.precision):
             features = self.model.encode_dense(windows.to(device), method=self.config.method, normalize=False)
-        return F.normalize(features.float(), dim=-1)  # [b, gh, gw, E]
+        return check_finite(F.normalize(features.float(), dim=-1), "dense features", self.config.precision)
 
     def resized_shape(self, image: Image.Image) -> tuple[int, int]:
         return resized_shape(image.height, image.width, self.short_side, self.long_side)
