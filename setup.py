@@ -18,7 +18,8 @@ setup(
     package_dir={"cosmos_cli": "cli", "cosmos.weights": "weights"},
     # weights/ (the CLIP BPE merges, see weights/README.md for its licence, and the shipped tiny model) is installed
     # as package data of `cosmos.weights`, so every install layout (wheel, --user, --target, editable) carries it.
-    package_data={"cosmos.weights": ["*.txt.gz", "*.pt", "*.md"]},
+    package_data={"cosmos.weights": ["*.txt.gz", "*.pt", "*.md"], "cosmos.zeroshot": ["classnames/*.txt",
+                                                                                   "classnames/*.md"]},
     include_package_data=False,
     install_requires=[
         "torch>=2.1",

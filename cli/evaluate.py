@@ -17,7 +17,9 @@ from .common import (
     DEVICE, PRECISION, QUICK_GELU, WEIGHTS, WHICH, check_output, check_precision, cli_errors, console, load_model,
     progress_bar,
 )
-from .segment import LOGIT_SCALE, METHOD, SHORT_SIDE, STRIDE, WINDOW, WINDOW_BATCH, segmenter_options
+from .segment import (
+    AREA_THRESHOLD, BENCHMARK, LOGIT_SCALE, METHOD, SHORT_SIDE, STRIDE, WINDOW, WINDOW_BATCH, segmenter_options,
+)
 
 eval_app = typer.Typer(help="Zero-shot evaluation: classification, retrieval, segmentation.", no_args_is_help=True)
 
@@ -201,10 +203,13 @@ def segmentation(
     data: Optional[Path] = typer.Option(
         None, "--data", "-d", help="images/ + masks/ + classnames.txt, or VOC's JPEGImages/ + SegmentationClass/"),
     synthetic: Optional[Path] = SYNTHETIC,
-    classnames: Optional[Path] = typer.Option(
-        None, "--classnames", help="class names, line i = mask index i (default: classnames.txt in the data folder)"),
+    classnames: Optional[str] = typer.Option(
+        None, "--classnames", help="class names, line i = mask index i: a file, or a benchmark's shipped list (voc21, "
+        "context60, ...; default: the --benchmark's, else classnames.txt in the data folder)"),
     split: Optional[str] = typer.Option(
         None, "--split", help="VOC: evaluate ImageSets/Segmentation/<split>.txt (default: val when val.txt exists)"),
+    benchmark: Optional[str] = BENCHMARK,
+    area_threshold: Optional[float] = AREA_THRESHOLD,
     templates: Optional[str] = typer.Option(
         None, "--templates", "-t", help="openai, simple, synth, synth-colour or one template with {} "
         "(default: openai; synth / synth-colour with --synthetic)"),
@@ -212,7 +217,7 @@ def segmentation(
     short_side: Optional[int] = SHORT_SIDE,
     window: Optional[int] = WINDOW,
     stride: Optional[int] = STRIDE,
-    logit_scale: float = LOGIT_SCALE,
+    logit_scale: Optional[float] = LOGIT_SCALE,
     bg_threshold: Optional[float] = typer.Option(
         None, "--bg-threshold", help="pixels whose best probability is below this become class 0 (background)"),
     bg_prompt: bool = typer.Option(
@@ -231,6 +236,7 @@ def segmentation(
     from cosmos.errors import CosmosError
     from cosmos.zeroshot.classify import build_class_embeddings
     from cosmos.zeroshot.segment import Segmenter, evaluate_segmentation, read_segmentation_set, with_background
+    from cosmos.zeroshot.benchmarks import classnames_source
     from cosmos.zeroshot.templates import read_classnames, resolve_templates
 
     if out is not None:
@@ -238,11 +244,15 @@ def segmentation(
     sets = _data_or_synthetic(data, synthetic, {"segment_shape": "segment_shape", "segment_colour": "segment_colour"},
                               classnames)
     default_templates = {"segment_shape": "synth", "segment_colour": "synth-colour"} if synthetic else {}
-    config = segmenter_options(method, short_side, window, stride, logit_scale, bg_threshold, batch_size, precision)
+    config = segmenter_options(method, short_side, window, stride, logit_scale, bg_threshold, batch_size, precision,
+                               area_threshold, benchmark)
+    bg_threshold = config.bg_threshold
+    if classnames is None and benchmark is not None:
+        classnames = benchmark
     prepared = {}
     for name, path in sets.items():
         dataset = read_segmentation_set(path, split)
-        names_file = classnames or dataset.classnames_file
+        names_file = classnames_source(classnames) if classnames is not None else dataset.classnames_file
         if names_file is None:
             raise CosmosError(f"{path}: no class names; give --classnames F or put classnames.txt in the folder "
                               "(one name per line, line i = mask index i)")
@@ -271,7 +281,7 @@ def segmentation(
     for name, r in results.items():
         summary.add_row(Text(name), str(r["images"]), str(r["classes"]), _percent(r["mIoU"]), _percent(r["pixel_accuracy"]))
     console.print(summary)
-    _write(out, results, _settings(model, weights, which, config.precision, method=method))
+    _write(out, results, _settings(model, weights, which, config.precision, method=method, benchmark=benchmark))
 
 
 def register(app: typer.Typer) -> None:

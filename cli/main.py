@@ -21,7 +21,7 @@ app = typer.Typer(
 COMMAND_MODULES = [
     "preprocess", "train",
     "classify", "segment", "evaluate",
-    "synth", "demo",
+    "embed", "synth", "demo",
 ]
 
 def _version(value: bool) -> None:

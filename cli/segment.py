@@ -16,23 +16,38 @@ from .common import (
 )
 
 # The SCLIP protocol's options, shared with `cosmos eval segmentation`.
-METHOD = typer.Option("csa", "--method", "-m", help="last-block variant: plain, csa (SCLIP), clearclip or maskclip")
+METHOD = typer.Option("csa", "--method", "-m", help="last-block variant: plain, csa (SCLIP), clearclip, maskclip or naclip")
 SHORT_SIDE = typer.Option(None, "--short-side", min=1,
                           help="resize the short side to this (default 336 x image_size/224)")
 WINDOW = typer.Option(
     None, "--window", min=1, help="window size, a multiple of the patch size (default: the model's input size)")
 STRIDE = typer.Option(None, "--stride", min=1, help="window stride (default: window / 2)")
-LOGIT_SCALE = typer.Option(40.0, "--logit-scale", help="logits x this before the softmax")
+LOGIT_SCALE = typer.Option(None, "--logit-scale", help="logits x this before the softmax (default 40, or the "
+                           "--benchmark's)")
+BENCHMARK = typer.Option(None, "--benchmark", help="a standard benchmark's preset (class names, logit scale, "
+                         "background and area thresholds, resize): voc21, voc20, context60, context59, cityscapes, "
+                         "ade20k, coco-object, coco-stuff")
+AREA_THRESHOLD = typer.Option(None, "--area-threshold", help="remove a class predicted on no more than this fraction of "
+                              "an image's non-background pixels (SCLIP's area_thd; VOC21 preset 0.1)")
 WINDOW_BATCH = typer.Option(16, "--batch-size", min=1, help="windows per forward pass")
 
 
 def segmenter_options(method: str, short_side: Optional[int], window: Optional[int], stride: Optional[int],
-                      logit_scale: float, bg_threshold: Optional[float], batch_size: int, precision: str):
-    """A SegmentConfig from the options (checked there, before the model is loaded)."""
-    from cosmos.zeroshot.segment import SegmentConfig
+                      logit_scale: Optional[float], bg_threshold: Optional[float], batch_size: int, precision: str,
+                      area_threshold: Optional[float] = None, benchmark: Optional[str] = None):
+    """A SegmentConfig from the options (checked there, before the model is loaded); a --benchmark preset fills the
+    settings not given explicitly."""
+    from cosmos.zeroshot.benchmarks import get_benchmark
+    from cosmos.zeroshot.segment import REFERENCE_SHORT_SIDE, SegmentConfig
 
-    return SegmentConfig(method, short_side, window, stride, logit_scale, bg_threshold, batch_size,
-                         check_precision(precision))
+    preset = get_benchmark(benchmark) if benchmark else None
+    if preset is not None:
+        logit_scale = logit_scale if logit_scale is not None else preset.logit_scale
+        bg_threshold = bg_threshold if bg_threshold is not None else preset.bg_threshold
+        area_threshold = area_threshold if area_threshold is not None else preset.area_threshold
+    return SegmentConfig(method, short_side, window, stride, logit_scale if logit_scale is not None else 40.0,
+                         bg_threshold, batch_size, check_precision(precision), area_threshold=area_threshold,
+                         reference_short_side=preset.short_side if preset else REFERENCE_SHORT_SIDE)
 
 
 def _check_mask_classes(classes, bg_threshold) -> None:
@@ -62,9 +77,11 @@ def segment(
     short_side: Optional[int] = SHORT_SIDE,
     window: Optional[int] = WINDOW,
     stride: Optional[int] = STRIDE,
-    logit_scale: float = LOGIT_SCALE,
+    logit_scale: Optional[float] = LOGIT_SCALE,
     bg_threshold: Optional[float] = typer.Option(
         None, "--bg-threshold", help="pixels whose best class probability is below this become background"),
+    area_threshold: Optional[float] = AREA_THRESHOLD,
+    benchmark: Optional[str] = BENCHMARK,
     batch_size: int = WINDOW_BATCH,
     device: Optional[str] = DEVICE,
     precision: str = PRECISION,
@@ -78,15 +95,21 @@ def segment(
     from cosmos.images import open_image
     from cosmos.zeroshot.classify import build_class_embeddings, model_device
     from cosmos.zeroshot.segment import Segmenter, overlay, pixel_shares, save_mask, with_background
-    from cosmos.zeroshot.templates import parse_labels, resolve_templates
+    from cosmos.zeroshot.templates import parse_labels, read_classnames, resolve_templates
 
     check_output(out, "--out", kind="folder")
+    config = segmenter_options(method, short_side, window, stride, logit_scale, bg_threshold, batch_size, precision,
+                               area_threshold, benchmark)
+    bg_threshold = config.bg_threshold
     classes = parse_labels(labels) if labels is not None else None
+    if classes is None and benchmark is not None:
+        from cosmos.zeroshot.benchmarks import get_benchmark
+
+        classes = read_classnames(get_benchmark(benchmark).classnames_file)
     if classes is not None:
         _check_mask_classes(classes, bg_threshold)
     if templates is not None:
         resolve_templates(templates)  # checked before the model is loaded
-    config = segmenter_options(method, short_side, window, stride, logit_scale, bg_threshold, batch_size, precision)
     model, _, tokenizer = load_model(weights, device, which, quick_gelu)
     template_list = resolve_templates(templates or getattr(model, "templates", None) or "openai")
     config.precision = resolve_precision(model_device(model), config.precision)

@@ -421,3 +421,74 @@ def load(
         tokenizer = copy.copy(tokenizer)  # never change the shared CLIP instance
         tokenizer.context_length = model.context_length
     return model, eval_transform(model.image_size), tokenizer
+
+
+# --- export -------------------------------------------------------------------------------------------------------
+def _atomic_torch_save(obj: dict, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def openclip_name(config: CosmosConfig) -> str:
+    """The `open_clip.create_model` name of a config (ViT-B-16, ViT-B-32, with -quickgelu), or, for any other size,
+    the JSON of the `open_clip.model.CLIP(embed_dim, vision_cfg, text_cfg, quick_gelu)` arguments."""
+    from .model.cosmos import CONFIGS
+
+    for name in ("ViT-B-16", "ViT-B-32"):
+        ref = CONFIGS[name]
+        if (config.embed_dim, config.vision, config.text) == (ref.embed_dim, ref.vision, ref.text):
+            return name + ("-quickgelu" if config.quick_gelu else "")
+    v, t = config.vision, config.text
+    import json
+
+    return json.dumps({
+        "embed_dim": config.embed_dim, "quick_gelu": config.quick_gelu,
+        "vision_cfg": {"layers": v.layers, "width": v.width, "head_width": v.width // v.heads,
+                       "mlp_ratio": v.mlp_ratio, "patch_size": v.patch_size, "image_size": v.image_size},
+        "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
+                     "heads": t.heads, "layers": t.layers, "mlp_ratio": t.mlp_ratio},
+    })
+
+
+def export_openclip(weights: str | Path, out: str | Path, which: str = "teacher",
+                    quick_gelu: bool = False) -> tuple[str, bool]:
+    """Write the CLIP state dict OpenCLIP loads with strict=True; returns (model name or CLIP kwargs JSON, QuickGELU)."""
+    model, _ = load_model(weights, "cpu", which, quick_gelu)
+    if model.config.vision.stem != "patch":
+        raise CosmosError(f"{weights}: this model has a convolutional stem (the tiny config), which OpenCLIP's ViT "
+                          "does not have; it can only be used with cosmos (export it with --format cosmos)")
+    sd = {k: v.detach().clone() for k, v in model.clip_state_dict().items()}
+    _atomic_torch_save(sd, out)
+    return openclip_name(model.config), model.config.quick_gelu
+
+
+def export_cosmos(weights: str | Path, out: str | Path) -> Path:
+    """Write the released COSMOS layout {"epoch", "student", "teacher"} (both with the 21 COSMOS tensors; a teacher
+    saved without them, as ours are, gets the student's, as the official teacher is a full copy)."""
+    path = resolve_weights(weights)
+    obj = read_checkpoint(path)
+    try:
+        student, meta = split_checkpoint(obj, "student", str(path))
+    except CosmosError:
+        raise CosmosError(f"{weights}: has no student weights; the COSMOS layout needs a trained COSMOS student "
+                          "(export a CLIP model with --format openclip)") from None
+    if not any(is_cosmos_extra(k) for k in student):
+        raise CosmosError(f"{weights}: a CLIP model without COSMOS's cross-attention poolers; export it with "
+                          "--format openclip")
+    teacher = dict(obj.get("teacher") or student)
+    teacher = {k[len("module."):] if k.startswith("module.") else k: v for k, v in teacher.items()}
+    for key, value in student.items():
+        if is_cosmos_extra(key) and key not in teacher:
+            teacher[key] = value
+    epoch = meta.get("epoch", meta.get("step", 0))
+    return _atomic_torch_save({"epoch": epoch, "student": dict(student), "teacher": teacher}, out)

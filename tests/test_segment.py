@@ -2,6 +2,8 @@
 a crafted scene with a known mask and mIoU, and the dataset / mask checks."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -47,8 +49,19 @@ def small_model(stem: str = "patch") -> CosmosModel:
     return model
 
 
-def transcription(block, x: torch.Tensor, heads: int, method: str) -> torch.Tensor:
-    """The formulas of SCLIP / ClearCLIP / MaskCLIP written out from the block's raw weights. x: [B, N, W]."""
+def naclip_bias(gh: int, gw: int, std: float = 5.0) -> torch.Tensor:
+    """NACLIP's Gaussian neighbourhood term written out: token 0 (class) gets none; patch i = (row, col) row-major."""
+    n = gh * gw
+    bias = torch.zeros(1 + n, 1 + n)
+    for i in range(n):
+        for j in range(n):
+            (ri, ci), (rj, cj) = divmod(i, gw), divmod(j, gw)
+            bias[1 + i, 1 + j] = math.exp(-((ri - rj) ** 2 + (ci - cj) ** 2) / (2 * std**2))
+    return bias
+
+
+def transcription(block, x: torch.Tensor, heads: int, method: str, grid=None) -> torch.Tensor:
+    """The formulas of SCLIP / ClearCLIP / MaskCLIP / NACLIP written out from the block's raw weights. x: [B, N, W]."""
     b, n, width = x.shape
     hd = width // heads
     s = hd**-0.5
@@ -73,12 +86,15 @@ def transcription(block, x: torch.Tensor, heads: int, method: str) -> torch.Tens
         return x + mlp(x)
     if method == "clearclip":
         return out_proj(torch.softmax(q @ q.transpose(-1, -2) * s, -1) @ v)
-    if method == "maskclip":
-        return out_proj(v)
+    if method == "maskclip":  # MaskCLIP's reference: value embedding through out_proj, residual and FFN kept
+        x = x + out_proj(v)
+        return x + mlp(x)
+    if method == "naclip":  # NACLIP: key-key attention plus the Gaussian neighbourhood, no residual, no FFN
+        return out_proj(torch.softmax(k @ k.transpose(-1, -2) * s + naclip_bias(*grid), -1) @ v)
     raise AssertionError(method)
 
 
-@pytest.mark.parametrize("method", ["plain", "csa", "clearclip", "maskclip"])
+@pytest.mark.parametrize("method", ["plain", "csa", "clearclip", "maskclip", "naclip"])
 @pytest.mark.parametrize("size", [(32, 32), (40, 56)])
 def test_last_block_variants_match_their_formulas(method, size):
     model = small_model()
@@ -89,7 +105,8 @@ def test_last_block_variants_match_their_formulas(method, size):
     with torch.no_grad():
         model.encode_image(images)  # runs every block: the pre-hook records the last block's input
         hook.remove()
-        x = transcription(visual.transformer.resblocks[-1], captured["x"], visual.heads, method)  # [B, 1+N, W]
+        x = transcription(visual.transformer.resblocks[-1], captured["x"], visual.heads, method,
+                          (size[0] // 8, size[1] // 8))  # [B, 1+N, W]
         tokens = F.layer_norm(x[:, 1:], (visual.width,), visual.ln_post.weight, visual.ln_post.bias, visual.ln_post.eps)
         expected = (tokens @ visual.proj).reshape(2, size[0] // 8, size[1] // 8, -1)  # [B, gh, gw, E]
         got = model.encode_dense(images, method=method, normalize=False)
@@ -104,7 +121,7 @@ def test_variants_differ_from_each_other():
     model = small_model()
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        feats = {m: model.encode_dense(images, method=m) for m in ("plain", "csa", "clearclip", "maskclip")}
+        feats = {m: model.encode_dense(images, method=m) for m in ("plain", "csa", "clearclip", "maskclip", "naclip")}
     names = list(feats)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
@@ -262,7 +279,7 @@ def test_bf16_dense_features_are_normalized_in_float32():
 
 
 def test_config_is_checked_when_made():
-    with pytest.raises(CosmosError, match="choose --method plain, csa, clearclip or maskclip"):
+    with pytest.raises(CosmosError, match="choose --method plain, csa, clearclip, maskclip or naclip"):
         SegmentConfig(method="nope")
     with pytest.raises(CosmosError, match="--bg-threshold must be a probability"):
         SegmentConfig(bg_threshold=1.5)

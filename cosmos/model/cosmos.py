@@ -153,7 +153,7 @@ class CosmosModel(TextTower):
 
     def encode_dense(self, images: torch.Tensor, method: str = "plain", normalize: bool = True) -> torch.Tensor:
         """Per-patch embeddings [B, gh, gw, E] for training-free segmentation; `method` picks the last block:
-        plain, csa (SCLIP), clearclip or maskclip (see transformer.py)."""
+        plain, csa (SCLIP), clearclip, maskclip or naclip (see transformer.py)."""
         if method not in DENSE_METHODS:
             raise CosmosError(f"unknown dense method {method!r}; choose one of {', '.join(DENSE_METHODS)}")
         x = self.visual.forward_dense(images, method)

@@ -9,7 +9,10 @@ For training-free segmentation the LAST block of the image tower can be swapped 
 one-block variants (`last_block_variant`):
 - csa (SCLIP):   x + out_proj((softmax(q q^T s) + softmax(k k^T s)) v), then the usual FFN residual
 - clearclip:     out_proj(softmax(q q^T s) v)            (no residual, no FFN)
-- maskclip:      out_proj(v)                             (no residual, no FFN)
+- maskclip:      x + out_proj(v), then the usual FFN residual (MaskCLIP's reference implementation: the value
+                 embedding through the output projection, residual and FFN kept)
+- naclip:        out_proj(softmax(k k^T s + G) v)        (no residual, no FFN), G the NACLIP Gaussian neighbourhood
+                 bias exp(-|p_i - p_j|^2 / (2 * 5^2)) between patch positions on the grid (0 for the class token)
 with q, k, v computed from ln_1(x) per head and s = head_dim ** -0.5.
 """
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-DENSE_METHODS = ("plain", "csa", "clearclip", "maskclip")
+DENSE_METHODS = ("plain", "csa", "clearclip", "maskclip", "naclip")
+NACLIP_STD = 5.0  # NACLIP's Gaussian window, in patches
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = False,
@@ -39,6 +43,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool = 
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return scores.softmax(dim=-1) @ v  # [B, H, N, hd]
+
+
+def neighbourhood_bias(grid: tuple[int, int], std: float, device=None, dtype=torch.float32) -> torch.Tensor:
+    """[1 + gh*gw, 1 + gh*gw]: exp(-squared distance / (2 std^2)) between the patch positions (row-major, as the
+    tokens), zero in the class token's row and column."""
+    gh, gw = grid
+    rows, cols = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
+    pos = torch.stack([rows.flatten(), cols.flatten()], dim=-1).float()  # [N, 2]
+    bias = torch.exp(-torch.cdist(pos, pos).pow(2) / (2 * std**2))  # [N, N]
+    return F.pad(bias, (1, 0, 1, 0)).to(dtype)  # [1 + N, 1 + N]
 
 
 class QuickGELU(nn.Module):
@@ -116,6 +130,13 @@ class Attention(nn.Module):
             attn = attn + torch.softmax((k @ k.transpose(-2, -1)) * scale, dim=-1)
         return self.out_proj(self._merge_heads(attn @ v))
 
+    def neighbour(self, x: torch.Tensor, grid: tuple[int, int], std: float = NACLIP_STD) -> torch.Tensor:
+        """NACLIP: out_proj(softmax(k k^T s + G) v), G [1 + N, 1 + N] the Gaussian neighbourhood bias on the grid."""
+        _, k, v = self.qkv(x)
+        scale = self.head_dim**-0.5
+        scores = (k @ k.transpose(-2, -1)) * scale + neighbourhood_bias(grid, std, x.device, k.dtype)  # [B, H, N, N]
+        return self.out_proj(self._merge_heads(torch.softmax(scores, dim=-1) @ v))
+
     def value_only(self, x: torch.Tensor) -> torch.Tensor:
         """out_proj(v): MaskCLIP's attention, each token keeps its own value."""
         _, _, v = self.qkv(x)
@@ -143,8 +164,9 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(self.ln_1(x), is_causal=is_causal)
         return x + self.mlp(self.ln_2(x))
 
-    def forward_variant(self, x: torch.Tensor, method: str) -> torch.Tensor:
-        """This block with its attention replaced by a dense-prediction variant (see the module docstring)."""
+    def forward_variant(self, x: torch.Tensor, method: str, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """This block with its attention replaced by a dense-prediction variant (see the module docstring); `grid`
+        (gh, gw) is the patch grid, which naclip needs."""
         if method == "plain":
             return self(x)
         if method == "csa":
@@ -153,7 +175,12 @@ class ResidualAttentionBlock(nn.Module):
         if method == "clearclip":
             return self.attn.self_self(self.ln_1(x), use="q")
         if method == "maskclip":
-            return self.attn.value_only(self.ln_1(x))
+            x = x + self.attn.value_only(self.ln_1(x))
+            return x + self.mlp(self.ln_2(x))
+        if method == "naclip":
+            if grid is None:
+                raise ValueError("naclip needs the patch grid")
+            return self.attn.neighbour(self.ln_1(x), grid)
         raise ValueError(f"unknown dense method {method!r}; choose one of {', '.join(DENSE_METHODS)}")
 
 

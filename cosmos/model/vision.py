@@ -115,6 +115,6 @@ class VisionTransformer(nn.Module):
         """Projected patch features [B, gh, gw, E] with the last block replaced by `method` (not normalized)."""
         x, (gh, gw) = self.embed(images)
         x = self.transformer(x, skip_last=True)
-        x = self.transformer.resblocks[-1].forward_variant(x, method)  # [B, 1+N, W]
+        x = self.transformer.resblocks[-1].forward_variant(x, method, (gh, gw))  # [B, 1+N, W]
         x = self.ln_post(x[:, 1:]) @ self.proj  # [B, N, E]
         return x.reshape(x.shape[0], gh, gw, -1)

@@ -158,14 +158,14 @@ def rank_of_target(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def topk_accuracy(scores: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
     """Fraction of rows whose target ranks < k (ties count against), for each k."""
     ranks = rank_of_target(scores, targets)
-    return {k: (ranks < k).float().mean().item() for k in ks}
+    return {k: (ranks < k).double().mean().item() for k in ks}  # float64: 0.21 stays 0.21 in JSON
 
 
 def per_class_accuracy(scores: torch.Tensor, targets: torch.Tensor, num_classes: int) -> list[float | None]:
     """Top-1 accuracy of each class (None for a class with no images); ties count against."""
-    hits = (rank_of_target(scores, targets) < 1).float()
-    counts = torch.bincount(targets, minlength=num_classes).float()
-    correct = torch.zeros(num_classes).index_add_(0, targets.cpu(), hits.cpu())
+    hits = (rank_of_target(scores, targets) < 1).double()
+    counts = torch.bincount(targets, minlength=num_classes).double()
+    correct = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, targets.cpu(), hits.cpu())
     return [None if counts[c] == 0 else (correct[c] / counts[c]).item() for c in range(num_classes)]
 
 

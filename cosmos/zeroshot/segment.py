@@ -35,11 +35,12 @@ from ..device import autocast
 from ..errors import CosmosError
 from ..images import IMAGE_EXTENSIONS, open_image
 from ..transforms import CLIP_MEAN, CLIP_STD
+from ..model.transformer import DENSE_METHODS
 from .classify import ClassEmbeddings, Progress, check_finite, model_device
 
 IGNORE_INDEX = 255
 REFERENCE_INPUT, REFERENCE_SHORT_SIDE, REFERENCE_LONG_SIDE = 224, 336, 2048  # SCLIP's sizes for a 224 px model
-METHODS = ("plain", "csa", "clearclip", "maskclip")
+METHODS = DENSE_METHODS
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -60,6 +61,8 @@ class SegmentConfig:
     batch_size: int = 16
     precision: str = "fp32"
     long_side: int | None = None
+    area_threshold: float | None = None  # SCLIP's area_thd (VOC21: 0.1)
+    reference_short_side: int = REFERENCE_SHORT_SIDE  # the short side for a 224 px model when short_side is None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -71,6 +74,8 @@ class SegmentConfig:
             raise CosmosError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.batch_size < 1:
             raise CosmosError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.area_threshold is not None and not 0 <= self.area_threshold < 1:
+            raise CosmosError(f"--area-threshold must be a fraction in [0, 1), got {self.area_threshold}")
         if not self.logit_scale > 0 or self.logit_scale != self.logit_scale:
             raise CosmosError(f"--logit-scale must be a positive number (SCLIP uses 40), got {self.logit_scale}")
 
@@ -83,7 +88,7 @@ class SegmentConfig:
             raise CosmosError(f"window {window} px (--window) is not a multiple of the model's {patch_size} px "
                               f"patches; use {choices}")
         stride = self.stride or max(1, window // 2)
-        short = self.short_side or round(REFERENCE_SHORT_SIDE * image_size / REFERENCE_INPUT)
+        short = self.short_side or round(self.reference_short_side * image_size / REFERENCE_INPUT)
         if short < window:
             raise CosmosError(f"short side {short} px is smaller than the {window} px window; use a short side >= {window}")
         if stride > window:
@@ -238,21 +243,40 @@ def predict_mask(
     bg_threshold: float | None = None,
     background_index: int | None = None,
     band_pixels: int = 1 << 21,
+    area_threshold: float | None = None,
 ) -> torch.Tensor:
-    """Per-name cosine logits at the resized size [Q, h, w] -> class index mask [H, W] (long) at `out_size`."""
+    """Per-name cosine logits at the resized size [Q, h, w] -> class index mask [H, W] (long) at `out_size`.
+
+    area_threshold (SCLIP's area_thd): a class other than class 0 whose predicted area is no more than this fraction
+    of all pixels predicted as a class other than 0 has its probabilities zeroed before the final argmax and the
+    background threshold (a first pass over the image counts the areas)."""
     if bg_threshold is not None and background_index is None:
         raise CosmosError("a background threshold needs a background class; add one (e.g. 'background') to the labels")
     height, width = out_size
     ry = bilinear_matrix(height, logits.shape[1], logits.device)  # [H, h]
     rx = bilinear_matrix(width, logits.shape[2], logits.device)  # [W, w]
     band = max(1, band_pixels // max(1, width * max(1, logits.shape[0])))
-    mask = torch.empty(height, width, dtype=torch.long)
-    for top in range(0, height, band):
+
+    def class_probs(top: int) -> torch.Tensor:
         rows = torch.einsum("yh,qhw->qyw", ry[top : top + band], logits)  # [Q, r, w]
         upsampled = torch.einsum("qyw,xw->qyx", rows, rx)  # [Q, r, W]
         probs = (upsampled * logit_scale).softmax(dim=0)  # [Q, r, W]
-        class_probs = classifier.class_scores(probs.permute(1, 2, 0))  # [r, W, C]
-        best, index = class_probs.max(dim=-1)  # [r, W]
+        return classifier.class_scores(probs.permute(1, 2, 0))  # [r, W, C]
+
+    keep = None
+    if area_threshold is not None:
+        area = torch.zeros(classifier.num_classes, dtype=torch.long)
+        for top in range(0, height, band):
+            area += torch.bincount(class_probs(top).argmax(dim=-1).flatten().cpu(), minlength=classifier.num_classes)
+        foreground = area[1:]
+        keep = torch.ones(classifier.num_classes, dtype=torch.bool)
+        keep[1:] = foreground > area_threshold * foreground.sum()
+    mask = torch.empty(height, width, dtype=torch.long)
+    for top in range(0, height, band):
+        scores = class_probs(top)
+        if keep is not None:
+            scores = scores * keep.to(scores.device, scores.dtype)
+        best, index = scores.max(dim=-1)  # [r, W]
         if bg_threshold is not None:
             index[best < bg_threshold] = background_index
         mask[top : top + band] = index.cpu()
@@ -311,7 +335,7 @@ class Segmenter:
         """Class index mask [H, W] (long) at the image's own size."""
         return predict_mask(
             self.logits(image, progress), self.classifier, (image.height, image.width), self.config.logit_scale,
-            self.config.bg_threshold, self.background_index,
+            self.config.bg_threshold, self.background_index, area_threshold=self.config.area_threshold,
         )
 
     def count_windows(self, image: Image.Image) -> int:
@@ -525,4 +549,5 @@ def evaluate_segmentation(
         "stride": segmenter.stride,
         "logit_scale": segmenter.config.logit_scale,
         "bg_threshold": segmenter.config.bg_threshold,
+        "area_threshold": segmenter.config.area_threshold,
     }
