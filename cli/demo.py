@@ -17,6 +17,8 @@ def demo(
     minutes: float = typer.Option(3.0, "--minutes", help="training budget in minutes"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier demo in --out"),
     seed: int = typer.Option(0, "--seed"),
+    scenes: int = typer.Option(4000, "--scenes", min=64, help="synthetic training scenes to generate"),
+    eval_images: int = typer.Option(100, "--eval-images", min=10, help="images per evaluation set"),
 ) -> None:
     """The main job on a CPU in about 5 minutes: make data, train tiny COSMOS, evaluate it next to the shipped model,
     write OUT/report.md."""
@@ -27,7 +29,8 @@ def demo(
     def note(text: str) -> None:
         err_console.print(Text(text), highlight=False)
 
-    results = run_demo(out, minutes=minutes, overwrite=overwrite, seed=seed, note=note, reporter=_Bar(enabled=True))
+    results = run_demo(out, minutes=minutes, overwrite=overwrite, n_train=scenes, n_eval=eval_images, seed=seed,
+                       note=note, reporter=_Bar(enabled=True))
     m = results["metrics"]
     console.print(Text(f"fresh run: shape {100 * m['fresh']['shape_top1']:.1f}%, colour "
                        f"{100 * m['fresh']['colour_top1']:.1f}%, R@1 {100 * m['fresh']['i2t_R@1']:.1f}% / "

@@ -17,7 +17,6 @@ import http.client
 import os
 import re
 import socket
-import tempfile
 import urllib.error
 import urllib.request
 import warnings
@@ -28,7 +27,7 @@ import torch
 
 from .errors import CosmosError
 from .model.cosmos import CosmosConfig, CosmosModel, TextConfig, VisionConfig, is_cosmos_extra
-from .paths import cache_dir, file_mode
+from .paths import atomic_write, cache_dir
 
 FORMAT = "cosmos"
 FORMAT_VERSION = 1
@@ -382,16 +381,7 @@ def save(
         "labels": list(labels) if labels else (model.labels or None),
     }
     obj.update(extra or {})
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, file_mode())  # as any other file this process writes, not mkstemp's 0600
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return _atomic_torch_save(obj, path)
 
 
 def load(
@@ -425,18 +415,7 @@ def load(
 
 # --- export -------------------------------------------------------------------------------------------------------
 def _atomic_torch_save(obj: dict, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def openclip_name(config: CosmosConfig) -> str:

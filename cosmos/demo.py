@@ -54,6 +54,7 @@ def run_demo(out: str | Path, minutes: float = 3.0, overwrite: bool = False, n_t
     if not minutes > 0:
         raise CosmosError(f"--minutes must be positive, got {minutes}")
     note = note or (lambda _: None)
+    seg_images = min(50, n_eval)
     out = Path(out)
     prepare_out(out, overwrite)
     started = time.time()
@@ -71,14 +72,14 @@ def run_demo(out: str | Path, minutes: float = 3.0, overwrite: bool = False, n_t
         note(f"evaluating the {name} model")
         model, _, tokenizer = load(weights, device="cpu")
         loaded[name] = (model, tokenizer)
-        metrics[name] = evaluate_synthetic(model, tokenizer, out / "data", methods=("csa",), limit=50)
+        metrics[name] = evaluate_synthetic(model, tokenizer, out / "data", methods=("csa",), limit=seg_images)
     note("drawing segmentation examples")
     examples = draw_segmentations(loaded, out / "data", out / "segmentation")
     results = {"train": {"steps": result.steps, "wall_s": result.wall_s, "samples_per_s": result.samples_per_s,
                          "final_loss": next((r["loss"] for r in reversed(result.metrics) if "loss" in r), None)},
                "models": {name: {"weights": str(w), "what": what} for name, (w, what) in models.items()},
                "metrics": metrics, "segmentation_examples": [str(p) for p in examples],
-               "data": {"train_scenes": n_train, "eval_per_set": n_eval, "segmentation_images_evaluated": 50},
+               "data": {"train_scenes": n_train, "eval_per_set": n_eval, "segmentation_images_evaluated": seg_images},
                "wall_s": time.time() - started}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(report(results, minutes), encoding="utf-8")

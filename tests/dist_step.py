@@ -6,20 +6,16 @@ import torch
 
 from cosmos.model.cosmos import CosmosModel
 from cosmos.train import distributed as D
-from cosmos.train.ema import Teacher
 from cosmos.train.loss import LossConfig
 from cosmos.train.step import StudentForward, TrainStep
-from tests.test_train_loss import small_config, step_inputs
+from tests.test_train_loss import perturbed_teacher, small_config, step_inputs
 
 
 def main(out: str, accum: int) -> None:
     world = D.init_distributed(torch.device("cpu"))
     torch.manual_seed(0)
     model = CosmosModel(small_config())
-    teacher = Teacher(model, 0.99)
-    with torch.no_grad():
-        for p in teacher.model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    teacher = perturbed_teacher(model)
     loss_cfg = LossConfig()
     forward = torch.nn.parallel.DistributedDataParallel(StudentForward(model, loss_cfg.cross()))
     batch = step_inputs(16)

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from tests.helpers import one_line_error
+
 try:
     from cosmos_cli import main as cli_main
 except ImportError:  # not pip-installed yet: the cli/ folder is importable from the repository root
@@ -27,14 +29,6 @@ def run(*args: str):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def one_line_error(result) -> str:
-    """The command failed with a single 'error: ...' line on stderr and no traceback."""
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -3,15 +3,15 @@ segmentation benchmark presets with SCLIP's area threshold, and float64 metrics.
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
+
+from tests.helpers import one_line_error
 
 import cosmos
 from cosmos.model.cosmos import CosmosConfig, CosmosModel, TextConfig, VisionConfig
@@ -30,12 +30,6 @@ def run(*args):
     return runner.invoke(cli_main.app, [str(a) for a in args])
 
 
-def one_line_error(result) -> str:
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

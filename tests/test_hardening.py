@@ -3,10 +3,8 @@ that are not UTF-8, interruption, outputs checked before work, options checked u
 clean output. Every case at the CLI where the user meets it; one line on stderr, nothing lost or half-written."""
 from __future__ import annotations
 
-import io
 import json
 import os
-import pickle
 import signal
 import stat
 import subprocess
@@ -18,6 +16,8 @@ import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
+
+from tests.helpers import one_line_error
 
 import cosmos
 from cosmos.errors import CosmosError
@@ -38,14 +38,6 @@ def run(*args):
     return runner.invoke(cli_main.app, [str(a) for a in args])
 
 
-def one_line_error(result, code: int | None = None) -> str:
-    assert result.exit_code != 0, result.output
-    if code is not None:
-        assert result.exit_code == code, (result.exit_code, result.output)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

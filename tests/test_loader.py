@@ -329,3 +329,20 @@ def test_multiview_transform_batches(tmp_path):
     # Seeded views: the same (seed, epoch) gives the same tensors.
     again = list(build_loader(str(tmp_path), MultiViewTransform(cfg, _tokens, seed=0), 4, num_workers=2))
     assert all(torch.equal(x["global_crops"], y["global_crops"]) for x, y in zip(batches, again))
+
+
+@pytest.mark.parametrize("how", ["error", "break"])
+def test_an_abandoned_pass_stops_its_workers_at_once(tmp_path, how):
+    """A worker error or a caller that stops early: the DataLoader workers are gone when control returns (left to
+    the DataLoader, a worker it had marked finished lingered until its 5 s status check)."""
+    import multiprocessing
+
+    make_shards(tmp_path, 16, 4)
+    if how == "error":
+        with pytest.raises(CosmosError):
+            list(build_loader(str(tmp_path), _FailingTransform(), 2, num_workers=2, collate=_keys))
+    else:
+        batches = iter(build_loader(str(tmp_path), None, 2, num_workers=2))
+        next(batches)
+        batches.close()
+    assert multiprocessing.active_children() == []

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
+
+from tests.helpers import one_line_error
 
 from cosmos.data.synth import write_synth
 
@@ -36,12 +37,6 @@ def invoke(*args):
     return runner.invoke(cli_main.app, [str(a) for a in args])
 
 
-def one_line_error(result) -> str:
-    assert result.exit_code != 0, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -238,10 +233,9 @@ def _free_port() -> int:
 @pytest.mark.parametrize("accum", [1, 2])
 def test_two_torchrun_processes_match_one_process(tmp_path, accum):
     from cosmos.model.cosmos import CosmosModel
-    from cosmos.train.ema import Teacher
     from cosmos.train.loss import LossConfig
     from cosmos.train.step import StudentForward, TrainStep
-    from tests.test_train_loss import small_config, step_inputs
+    from tests.test_train_loss import perturbed_teacher, small_config, step_inputs
 
     out = tmp_path / "ddp.pt"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
@@ -251,10 +245,7 @@ def test_two_torchrun_processes_match_one_process(tmp_path, accum):
     ddp = torch.load(out, weights_only=True)
     torch.manual_seed(0)
     model = CosmosModel(small_config())
-    teacher = Teacher(model, 0.99)
-    with torch.no_grad():
-        for p in teacher.model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+    teacher = perturbed_teacher(model)
     loss_cfg = LossConfig()
     parts = TrainStep(StudentForward(model, loss_cfg.cross()), teacher, loss_cfg, torch.device("cpu"), "fp32")(
         step_inputs(16))
@@ -297,3 +288,23 @@ def test_nproc_2_trains_and_two_nnodes_invocations_rendezvous(synth, tmp_path):
     assert all(p.returncode == 0 for p in procs), [r[1][-2000:] for r in results]
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2 and sorted(losses(out)) == [1, 2]
+
+
+@pytest.mark.slow
+def test_val_metrics_epochs_and_synthetic_data(synth, tmp_path):
+    out = tmp_path / "val"
+    result = invoke("train", "--data", synth, "--out", out, "--epochs", "0.25", "--val", synth, "--val-every", 3,
+                    "--accum", 2, *FAST)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    config = json.loads((out / "config.json").read_text())
+    assert config["steps_per_epoch"] == 12 and config["total_steps"] == 3  # 96 scenes / batch 8, a quarter epoch
+    val = [r for r in rows if "val_shape_top1" in r]
+    assert len(val) == 1 and val[0]["step"] == 3
+    for key in ("val_shape_top1", "val_colour_top1", "val_i2t_R@1", "val_t2i_R@1"):
+        assert 0.0 <= val[0][key] <= 1.0
+    # random views of the configured sizes, nothing decoded: for timing steps
+    out = tmp_path / "speed"
+    result = invoke("train", "--data", "synthetic", "--out", out, "--steps", 2, *FAST)
+    assert result.exit_code == 0, result.output
+    assert sorted(losses(out)) == [1, 2]

@@ -330,6 +330,15 @@ def test_teacher_is_a_clip_copy_and_follows_the_ema_rule():
     assert ramp.momentum_at(50) == pytest.approx(0.995)
 
 
+def perturbed_teacher(model: CosmosModel) -> Teacher:
+    """A teacher that differs from the student (the EMA after some steps), from the global torch RNG."""
+    teacher = Teacher(model, 0.99)
+    with torch.no_grad():
+        for p in teacher.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    return teacher
+
+
 def step_inputs(n: int, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
     gt = torch.randint(1, 298, (n, 2, 20), generator=g)
@@ -348,10 +357,7 @@ def test_accumulation_4_x_8_equals_one_batch_of_32(mode):
         cfg = small_config()
         cfg.cosmos = mode == "cosmos"
         model = CosmosModel(cfg)
-        teacher = Teacher(model, 0.99) if mode == "cosmos" else None
-        with torch.no_grad():
-            for p in (teacher.model.parameters() if teacher else []):
-                p.add_(0.01 * torch.randn_like(p))  # a teacher that differs from the student
+        teacher = perturbed_teacher(model) if mode == "cosmos" else None
         loss_cfg = LossConfig(mode)
         step = TrainStep(StudentForward(model, loss_cfg.cross()), teacher, loss_cfg, torch.device("cpu"), "fp32")
         parts = step(step_inputs(32), accum)

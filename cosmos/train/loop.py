@@ -24,14 +24,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -49,7 +48,7 @@ CHECKPOINT_DIR = "checkpoints"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # Settings that may change when a run is resumed (how it is logged and saved, not what it computes).
 RESUMABLE_CHANGES = ("out", "resume", "log_every", "save_every", "keep", "val", "val_every", "compile",
-                     "grad_checkpointing", "device", "progress")
+                     "grad_checkpointing", "device", "time_limit_s")
 
 
 @dataclass
@@ -96,7 +95,6 @@ class TrainConfig:
     clip_text: str = "caption"  # clip mode's caption: a random field, "raw" or "sentence"
     vocab_size: int | None = None  # learn a byte-level BPE of this many ids from the data (default: CLIP's 49,408)
     quick_gelu: bool = False
-    progress: bool = True
     time_limit_s: float | None = None  # fit the run into this much time: the step count (and schedule) is set from
     # the measured speed after a few steps, and training stops when the time is up
 
@@ -684,6 +682,10 @@ class Run:
 
     def run(self) -> TrainResult:
         cfg = self.cfg
+        if self.init_report and self.init_report["fresh"]:
+            self.reporter.message(f"--init {cfg.init}: {len(self.init_report['fresh'])} COSMOS tensors it lacks "
+                                  "(cross-attention poolers, token mappings, distill_logit_scale) start freshly "
+                                  "initialized")
         self._start_metrics()
         start_step = self.step
         description = f"train {cfg.mode} {self.student.config.vision.image_size}px"
