@@ -217,6 +217,9 @@ def main() -> None:
             records.append(run_arm(arm, seed, data, args, out))
     total = time.time() - t0
     total_recorded = sum(r["train_wall_s"] for r in records)
+    previous = out / "results.json"
+    if previous.is_file():  # a later invocation that read the arms back: keep the wall time of the one that ran them
+        total = max(total, json.loads(previous.read_text()).get("wall_s_this_invocation", 0.0))
     table, summary = summarize(records)
     print(table)
     (out / "table.md").write_text(table + "\n")

@@ -11,6 +11,7 @@ into the CLIP part of the model (the COSMOS extras are then absent: `model.confi
 """
 from __future__ import annotations
 
+import codecs
 import contextlib
 import copy
 import http.client
@@ -178,22 +179,22 @@ def _unreadable(path: Path, error: Exception) -> str:
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     with open(path, "rb") as f:
         head = f.read(512)
+    if not head:
+        return f"{path}: an empty file, not a checkpoint"
+    try:  # checked before torch's own verdict: newer torch reports a text file as an unsafe pickle
+        codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at byte 512 is fine
+        printable = all(c >= 32 or c in (9, 10, 13) for c in head)
+    except UnicodeDecodeError:
+        printable = False
+    if printable and not head.startswith(b"PK"):
+        return f"{path}: a text file, not a PyTorch checkpoint; pass a .pt / .bin / .pth file written by torch.save"
     if "Weights only load failed" in str(error):
         return (f"{path}: a pickle holding Python objects other than tensors (loading it could run code), refused "
                 "for safety; if you trust it, load it yourself and re-save its state dict with torch.save")
-    if not head:
-        return f"{path}: an empty file, not a checkpoint"
     if head.startswith(b"PK\x03\x04"):
         return f"{path}: a damaged or truncated checkpoint (its zip archive cannot be read: {text}); copy or download it again"
     if head[:1] == b"\x80":
         return f"{path}: a damaged or truncated legacy (non-zip) PyTorch checkpoint ({text}); copy or download it again"
-    try:
-        head.decode("utf-8")
-        printable = all(c >= 32 or c in (9, 10, 13) for c in head)
-    except UnicodeDecodeError:
-        printable = False
-    if printable:
-        return f"{path}: a text file, not a PyTorch checkpoint; pass a .pt / .bin / .pth file written by torch.save"
     return f"{path}: not a PyTorch checkpoint (unknown format: {text})"
 
 

@@ -179,8 +179,12 @@ def list_table(path: Path, image_column: str, caption_columns: list[str]) -> lis
 
     def add_row(row: dict[str, Any], where: str) -> None:
         if _not_utf8(row):
-            raw = "".join(v for v in row.values() if isinstance(v, str)).encode("utf-8", "surrogateescape")
-            bad("caption-not-utf8", where, f"not valid UTF-8{_encoding_hint(raw)}")
+            text = "".join(v for v in row.values() if isinstance(v, str))
+            try:  # bytes the CSV reader could not decode come back as they were in the file
+                hint = _encoding_hint(text.encode("utf-8", "surrogateescape"))
+            except UnicodeEncodeError:  # a JSON \ud800-style escape: a lone surrogate, no encoding to convert from
+                hint = "; it holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF escape): fix or drop that text"
+            bad("caption-not-utf8", where, f"not valid UTF-8{hint}")
             return
         image = row.get(image_column)
         if not isinstance(image, str) or not image.strip():
