@@ -33,7 +33,12 @@ ARMS = {
     "clip-raw": dict(mode="clip", clip_text="raw"),
     "clip-textcrops": dict(mode="clip-textcrops"),
     "cosmos": dict(mode="cosmos"),
+    # the paper's Table 5 ablation rows, not part of the default table (`--arms cosmos,cosmos-no-cross`)
+    "cosmos-no-cross": dict(mode="cosmos", cross_attention=False),
+    "cosmos-image-only": dict(mode="cosmos", distill_text=False),
+    "cosmos-text-only": dict(mode="cosmos", distill_image=False),
 }
+DEFAULT_ARMS = ("clip-raw", "clip-textcrops", "cosmos")
 METRICS = [  # (key, label)
     ("i2t_R@1", "R@1 i2t"), ("t2i_R@1", "R@1 t2i"), ("shape_top1", "shape top-1"), ("colour_top1", "colour top-1"),
     ("seg_shape_plain_mIoU", "seg shape plain"), ("seg_shape_csa_mIoU", "seg shape csa"),
@@ -92,7 +97,7 @@ def run_arm(name: str, seed: int, data: Path, args, out: Path) -> dict:
 def summarize(records: list[dict]) -> tuple[str, dict]:
     """A markdown table of mean and spread (half the range over the seeds), and the numbers behind it."""
     rows = []
-    groups = [("clip-raw", "student"), ("clip-textcrops", "student"), ("cosmos", "student"), ("cosmos", "teacher")]
+    groups = [(arm, who) for arm in ARMS for who in (("student", "teacher") if arm.startswith("cosmos") else ("student",))]
     summary = {}
     header = "| arm | " + " | ".join(label for _, label in METRICS) + " | train s | samples/s |"
     rows.append(header)
@@ -113,7 +118,7 @@ def summarize(records: list[dict]) -> tuple[str, dict]:
             cells.append(f"{mean:.1f} ± {spread:.1f}")
         wall = statistics.fmean(r["train_wall_s"] for r in recs)
         speed = statistics.fmean(r["samples_per_s"] for r in recs if r["samples_per_s"])
-        label = f"{arm} ({who})" if arm == "cosmos" else arm
+        label = f"{arm} ({who})" if arm.startswith("cosmos") else arm
         summary[label] = {"metrics": stats, "train_wall_s": wall, "samples_per_s": speed, "seeds": [r["seed"] for r in recs]}
         rows.append(f"| {label} | " + " | ".join(cells) + f" | {wall:.0f} | {speed:.1f} |")
     return "\n".join(rows), summary
@@ -201,7 +206,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"any of {', '.join(ARMS)}")
     parser.add_argument("--write-benchmarks", action="store_true")
     parser.add_argument("--ship", action="store_true", help="write the best COSMOS teacher to "
                         "weights/cosmos_tiny_synth.pt (fp16, teacher only)")

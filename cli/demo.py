@@ -14,7 +14,7 @@ from .common import cli_errors, console, err_console
 def demo(
     out: Path = typer.Option(Path("demo"), "--out", "-o", help="report folder (refused if it holds a demo, unless "
                              "--overwrite)"),
-    minutes: float = typer.Option(3.0, "--minutes", help="training budget in minutes"),
+    minutes: float = typer.Option(3.5, "--minutes", help="training budget in minutes"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an earlier demo in --out"),
     seed: int = typer.Option(0, "--seed"),
     scenes: int = typer.Option(4000, "--scenes", min=64, help="synthetic training scenes to generate"),

@@ -47,7 +47,10 @@ def embed(
     text_list = read_texts(texts) if texts is not None else None
     model, _, tokenizer = load_model(weights, device, which, quick_gelu)
     precision = resolve_precision(model_device(model), precision)
-    meta = {"model": describe(model), "weights": weights, "which": which, "precision": precision,
+    # a file is recorded by its absolute path, so `search` finds it from any folder; a released name as it is
+    recorded = str(Path(weights).expanduser().resolve()) if Path(weights).expanduser().is_file() else weights
+    meta = {"model": describe(model), "weights": recorded, "which": which, "quick_gelu": quick_gelu,
+            "precision": precision,
             "device": str(model_device(model)), "command": " ".join(shlex.quote(a) for a in ["cosmos", *sys.argv[1:]])}
     total = len(images) if images is not None else len(text_list)
     with progress_bar("embedding", total=total) as update:
@@ -57,7 +60,7 @@ def embed(
     for item in result.skipped:  # never fatal: listed here and in meta.json
         err_console.print(Text(f"skipped: {item['reason']}"), highlight=False)
     if result.dropped:
-        err_console.print(Text(f"dropped {len(result.dropped)} row(s) whose file or text is gone (first: "
+        err_console.print(Text(f"dropped {len(result.dropped)} row(s) whose file is gone (first: "
                                f"{result.dropped[0]})"), highlight=False)
     console.print(Text(f"{out}: {result.count} embeddings ({result.added} new, {result.kept} kept, "
                        f"{len(result.skipped)} skipped)"), highlight=False)
@@ -97,12 +100,19 @@ def search(
     found = open_collection(collection)
     if sheet is not None and found.kind != "image":
         raise CosmosError(f"--sheet draws image hits, but {collection} holds texts")
-    model_name = weights or found.meta.get("weights")
+    theirs = found.meta.get("weights")
+    model_name = weights or theirs
+    quick_gelu = quick_gelu or bool(found.meta.get("quick_gelu", False))  # as the collection was embedded
     model, _, tokenizer = load_model(model_name, device, found.meta.get("which", "teacher"), quick_gelu)
     if model_digest(model) != found.meta.get("digest"):
-        raise CosmosError(f"{collection} was embedded with {found.meta.get('weights')} ({found.meta.get('which')}), "
+        same = weights is None or str(Path(weights).expanduser().resolve()) == theirs or weights == theirs
+        if same:
+            raise CosmosError(f"{collection} was embedded with {theirs} ({found.meta.get('which')}), whose weights "
+                              "have changed since (another file at that path now): scores across two models mean "
+                              "nothing; embed the collection again into a new --out")
+        raise CosmosError(f"{collection} was embedded with {theirs} ({found.meta.get('which')}), "
                           f"but the query would be encoded with {model_name}: scores across two models mean nothing; "
-                          f"search with --weights {found.meta.get('weights')}")
+                          f"search with --weights {theirs}")
     from cosmos.device import resolve_precision
     from cosmos.zeroshot.classify import model_device
 

@@ -470,5 +470,5 @@ def export_cosmos(weights: str | Path, out: str | Path) -> Path:
     for key, value in student.items():
         if is_cosmos_extra(key) and key not in teacher:
             teacher[key] = value
-    epoch = meta.get("epoch", meta.get("step", 0))
+    epoch = meta.get("epoch", 0)  # the official code resumes from "epoch": never a step count here
     return _atomic_torch_save({"epoch": epoch, "student": dict(student), "teacher": teacher}, out)

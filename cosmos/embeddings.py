@@ -5,7 +5,8 @@ A collection is a folder:
     index.jsonl      one line per row: {"path", "width", "height", "bytes", "mtime"} for images, {"text"} for texts
     meta.json        model, weights, which, digest (of the model's projections), precision, device, dim, count,
                      dtype, kind (image / text), the command, and the files skipped with the reason
-Embedding again into the same folder only embeds what is new or changed (rows of files that vanished are dropped);
+Embedding again into the same folder adds what is new (and embeds changed files again); rows of earlier inputs stay,
+except those whose file is gone, which are dropped with a message;
 it is refused when the folder was made by another model. Everything is written to temporary files and renamed
 into place at the end, so an interrupted run leaves the previous collection intact.
 """
@@ -161,11 +162,16 @@ def embed(
     elif out.exists() and any(out.iterdir()):
         raise CosmosError(f"{out}: not empty and not an embedding folder; choose an empty or new --out")
 
-    # What is already there, what vanished, what is new.
+    # What is already there, what vanished, what is new. The collection grows: rows of earlier inputs that are not
+    # given this time stay (a file that changed since is embedded again); only rows whose file is gone are dropped.
     kept_rows: list[tuple[int, dict]] = []
     dropped: list[str] = []
     if kind == "image":
         current = {printable(str(p)): p for p in images}
+        if old is not None:
+            for row in old.rows:  # earlier inputs not given now: still part of the collection while they exist
+                if row["path"] not in current and os.path.isfile(row["path"]):
+                    current[row["path"]] = Path(row["path"])
         stats = {key: _stat_row(p) for key, p in current.items()}
         todo_keys = list(current)
         if old is not None:
@@ -179,13 +185,8 @@ def embed(
             todo_keys = [k for k in todo_keys if k not in done]
         todo = [current[k] for k in todo_keys]
     else:
-        wanted = set(texts)
         if old is not None:
-            for i, row in enumerate(old.rows):
-                if row["text"] in wanted:
-                    kept_rows.append((i, row))
-                else:
-                    dropped.append(row["text"])
+            kept_rows = list(enumerate(old.rows))
         done = {row["text"] for _, row in kept_rows}
         todo = [t for t in texts if t not in done]
 

@@ -87,8 +87,25 @@ def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = "
     try:
         write(tmp)
         os.chmod(tmp, file_mode())
+        with open(tmp, "rb+") as f:  # on disk before the rename: a power cut leaves the old file or the new one
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def claim_out_folder(out: Path, overwrite: bool, not_empty: str, clear: Callable[[Path], None]) -> bool:
+    """Make `out` ready for a command's outputs: refuse a file, or a non-empty folder without `overwrite` (the error
+    is `{out}: {not_empty}`); with `overwrite`, `clear(out)` removes the command's own earlier outputs (only those).
+    True when the folder had to be created."""
+    if out.exists() and not out.is_dir():
+        raise CosmosError(f"{out}: exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise CosmosError(f"{out}: {not_empty}")
+        clear(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    return created

@@ -92,6 +92,40 @@ def test_embed_a_folder_then_only_what_is_new(models, photos, tmp_path):
     assert np.load(out / "embeddings.npy").shape == (3, 64)
 
 
+def test_embedding_more_keeps_earlier_rows_and_search_works_from_anywhere(models, photos, tmp_path, monkeypatch):
+    a, _ = models
+    out = tmp_path / "emb"
+    monkeypatch.chdir(a.parent)  # a relative --weights path
+    assert run("embed", photos / "sub", "--out", out, "--weights", a.name, "--device", "cpu", "--workers", 0,
+               "--quick-gelu").exit_code == 0
+    more = tmp_path / "more"
+    more.mkdir()
+    Image.new("RGB", (30, 30), (250, 250, 0)).save(more / "yellow.png")
+    result = run("embed", more, "--out", out, "--weights", a.name, "--device", "cpu", "--workers", 0, "--quick-gelu")
+    assert result.exit_code == 0, result.output
+    assert "1 new, 1 kept" in result.stdout and "dropped" not in result.stderr  # blue.jpg stays: its file exists
+    rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert sorted(r["path"].rsplit("/", 1)[1] for r in rows) == ["blue.jpg", "yellow.png"]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["weights"] == str(a.resolve()) and meta["quick_gelu"] is True
+    # search from another folder: the recorded absolute path and the QuickGELU flag encode the query as embedded
+    monkeypatch.chdir(tmp_path)
+    result = run("search", out, "--image", more / "yellow.png", "--top", 1, "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["item"].endswith("yellow.png")
+    # the weights file replaced by another model: named as changed, not "use the file you used"
+    cosmos.save(a.parent / "c.pt", CosmosModel(SMALL))
+    (a.parent / "c.pt").replace(tmp_path / "a-moved.pt")
+    import shutil
+
+    shutil.copy(a, tmp_path / "a-backup.pt")
+    try:
+        shutil.copy(tmp_path / "a-moved.pt", a)
+        assert "have changed since" in one_line_error(run("search", out, "--text", "x", "--device", "cpu"))
+    finally:
+        shutil.copy(tmp_path / "a-backup.pt", a)
+
+
 def test_embed_texts_search_and_sheet(models, photos, tmp_path):
     a, b = models
     texts = tmp_path / "captions.txt"
@@ -174,6 +208,7 @@ def test_export_round_trips(models, tmp_path):
     assert run("export", a, "--out", released, "--format", "cosmos").exit_code == 0
     obj = torch.load(released, weights_only=True)
     assert set(obj) == {"epoch", "student", "teacher"} and len(obj["teacher"]) == len(obj["student"])
+    assert obj["epoch"] == 0  # completed epochs (the official code resumes from it), never a step count
     for which in ("student", "teacher"):
         back, _, _ = cosmos.load(released, device="cpu", which=which)
         with torch.no_grad():

@@ -107,6 +107,54 @@ def test_resume_from_a_mid_run_checkpoint_reproduces_the_losses(trained, synth, 
     assert all(torch.equal(a["teacher"][k], b["teacher"][k]) for k in b["teacher"])
 
 
+def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(trained, synth, tmp_path):
+    import shutil
+
+    out = tmp_path / "branch"
+    shutil.copytree(trained, out)
+    result = invoke("train", "--data", synth, "--out", out, "--steps", 16, "--save-every", 4, "--keep", 1,
+                    "--resume", out / "checkpoints/step_00000008.pt", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "set aside" in " ".join(result.output.split())  # rich wraps lines
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    # the abandoned step 16 was renamed (not lost), so the rotation (--keep 1) pruned this branch's step 12 only
+    # after its own step 16 (without the renaming, the old step 16 sorts last and step 12 goes at once)
+    assert names == ["step_00000016.pt", "step_00000016.pt.abandoned"], names
+    assert invoke("train", "--data", synth, "--out", out, "--steps", 16, "--save-every", 4, "--keep", 1,
+                  "--resume", "auto", *FAST).exit_code == 0  # auto picks the branch's step 16: nothing left to do
+    assert sorted(losses(out)) == list(range(1, 17))
+
+
+def test_a_time_limited_run_stops_logs_its_last_step_and_resumes_its_schedule(synth, tmp_path):
+    from cosmos.train.loop import learning_rate
+
+    def timed(out, log_every, *more):
+        return invoke("train", "--data", synth, "--out", out, "--steps", 100000, "--time-limit", 0.17, "--save-every",
+                      10, "--keep", 100, *FAST, "--log-every", log_every, *more)  # the later --log-every wins
+
+    def lrs(run):
+        return {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").open()) if "lr" in r}
+
+    out = tmp_path / "timed"
+    result = timed(out, 7)
+    assert result.exit_code == 0, result.output
+    final = torch.load(out / "model.pt", weights_only=True)["step"]
+    assert 14 < final < 100000  # 10 s: about 50 steps of this size on 2 cores
+    assert max(losses(out)) == final  # the step that ended the run is logged, though off the --log-every grid
+    # a mid-run checkpoint holds the fitted schedule (not the 100,000-step cap) and the time used so far
+    mid = torch.load(out / "checkpoints/step_00000010.pt", weights_only=True)["train"]
+    total, warmup = mid["config"]["total_steps"], mid["config"]["warmup"]
+    assert total < 100000 and warmup <= total // 10 and 0 < mid["elapsed_s"] < 10.2
+    branch = tmp_path / "branch"
+    result = timed(branch, 1, "--resume", out / "checkpoints/step_00000010.pt")
+    assert result.exit_code == 0, result.output
+    # the schedule continues from the saved fit (until the resumed part refits at its 5th step); without it the
+    # run would restart a warmup against the 100,000-step cap
+    resumed, original = lrs(branch), lrs(out)
+    assert resumed[11] == pytest.approx(learning_rate(10, 1e-3, warmup, total), rel=1e-9)
+    assert resumed[14] == pytest.approx(original[14], rel=1e-9)
+
+
 @pytest.mark.slow
 def test_resume_auto_continues_and_refuses_changed_settings(synth, tmp_path):
     out = tmp_path / "run"

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 from PIL import Image
 
 from ..errors import CosmosError, ImageDecodeError
+from ..paths import claim_out_folder
 from ..workers import imap_in_pool
 from ..images import IMAGE_EXTENSIONS, decode_image
 from .shards import (
@@ -461,16 +462,13 @@ def prepare_out_dir(out: Path, overwrite: bool, src: Path | None = None) -> None
     (only those) so no stale shard survives."""
     if src is not None and src.is_dir() and out.resolve() == src.resolve():
         raise CosmosError(f"{out}: the output folder is the source folder; choose another --out")
-    if out.exists() and not out.is_dir():
-        raise CosmosError(f"{out}: exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise CosmosError(f"{out}: output folder is not empty; pass --overwrite to replace its shards, "
-                              "or choose an empty folder")
+    def clear(folder: Path) -> None:
         for pattern in _OUR_FILES:
-            for p in out.glob(pattern):
+            for p in folder.glob(pattern):
                 p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+
+    claim_out_folder(out, overwrite, "output folder is not empty; pass --overwrite to replace its shards, or choose "
+                     "an empty folder", clear)
 
 
 def preprocess(

@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import CosmosError
+from ..paths import claim_out_folder
 from ..workers import imap_in_pool
 from .shards import ShardWriter, atomic_write_bytes, sample_files, write_manifest
 
@@ -457,16 +458,8 @@ def _remove_outputs(out_dir: Path) -> None:
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> bool:
     """Make `out_dir` ready to write; True when it had to be created."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CosmosError(f"{out_dir}: exists and is not a directory; choose another --out")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise CosmosError(f"{out_dir}: directory is not empty; pass --overwrite to replace its synthetic data "
-                              "or choose an empty --out")
-        _remove_outputs(out_dir)
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return created
+    return claim_out_folder(out_dir, overwrite, "directory is not empty; pass --overwrite to replace its synthetic "
+                            "data or choose an empty --out", _remove_outputs)
 
 
 def _write_segment_set(folder: Path, classes: list[str]) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -510,6 +511,9 @@ class Run:
                                   "--steps instead")
             self.total_steps = max(1, round(cfg.epochs * self.steps_per_epoch))
         self.warmup = cfg.warmup if cfg.warmup is not None else min(2000, self.total_steps // 10)
+        self.cfg_steps_cap = self.total_steps  # --time-limit fits the total below this
+        self._pace_mark = 0.0
+        self._elapsed_before = 0.0  # training time of the earlier parts of a resumed run
         self.momentum = cfg.ema_momentum if cfg.ema_momentum is not None else default_momentum(self.global_batch)
         self.teacher = None
         if self.loss_cfg.distills:
@@ -571,12 +575,29 @@ class Run:
         if self.scaler is not None and saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
         self.step = int(saved["step"])
+        if cfg_time_limited(theirs):  # continue the fitted schedule and the time budget where they were
+            self.total_steps = int(theirs.get("total_steps", self.total_steps))
+            self.warmup = int(theirs.get("warmup", self.warmup))
+            if self.teacher is not None:
+                self.teacher.total_steps = self.total_steps
+            self._elapsed_before = float(saved.get("elapsed_s", 0.0))
         self.resumed_position = saved["loaders"][self.world.rank]
         self.loader.load_state_dict(self.resumed_position)
         rngs = saved.get("rng") or []
         if len(rngs) > self.world.rank:
             set_rng_state(rngs[self.world.rank])
         self.resumed = None  # free the tensors
+        # Resumed from an older checkpoint of this run: its newer ones belong to the abandoned continuation. They are
+        # set aside (renamed, not deleted), so that neither the rotation of --keep nor `--resume auto` mistakes them
+        # for this continuation's.
+        self.abandoned: list[Path] = []
+        folder = self.out / CHECKPOINT_DIR
+        if self.is_main and folder.is_dir() and self.resume_path.resolve().parent == folder.resolve():
+            for newer in sorted(folder.glob("step_*.pt")):
+                if newer.name > self.resume_path.name:
+                    target = newer.with_name(newer.name + ".abandoned")
+                    os.replace(newer, target)
+                    self.abandoned.append(target)
 
     # -- checkpoints --------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
@@ -588,12 +609,13 @@ class Run:
         train_state = {
             "step": self.step, "world_size": self.world.world_size, "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None, "loaders": loaders,
-            "rng": rngs, "config": self.resolved_config(),
+            "rng": rngs, "config": self.resolved_config(), "elapsed_s": self._train_elapsed(),
         }
         teacher = self.teacher.model if self.teacher is not None else None
         labels = self.labels()
         path = self.out / CHECKPOINT_DIR / f"step_{self.step:08d}.pt"
-        meta = {"step": self.step, "mode": self.cfg.mode}
+        meta = {"step": self.step, "mode": self.cfg.mode,  # epoch: completed epochs, as OpenCLIP and COSMOS save it
+                "epoch": self.step // self.steps_per_epoch if self.steps_per_epoch else 0}
         if self.data.get("synth_root") is not None:
             meta["templates"] = "synth"  # caption-style prompts: what a model of these scenes understands
         save(path, self.student, self.tokenizer, labels, teacher, extra={"train": train_state, **meta})
@@ -686,6 +708,9 @@ class Run:
             self.reporter.message(f"--init {cfg.init}: {len(self.init_report['fresh'])} COSMOS tensors it lacks "
                                   "(cross-attention poolers, token mappings, distill_logit_scale) start freshly "
                                   "initialized")
+        if getattr(self, "abandoned", None):
+            self.reporter.message(f"resumed from step {self.step}: {len(self.abandoned)} newer checkpoint(s) of the "
+                                  f"abandoned continuation set aside as {self.abandoned[0].name} ...")
         self._start_metrics()
         start_step = self.step
         description = f"train {cfg.mode} {self.student.config.vision.image_size}px"
@@ -693,7 +718,7 @@ class Run:
         window: dict[str, float] = {}
         window_steps, window_samples, window_wait, window_start = 0, 0, 0.0, time.perf_counter()
         checkpoint, stopped = None, None
-        t_start = time.perf_counter()
+        t_start = self._t_start = time.perf_counter()
         source = self.batches()
         try:
             with self.stop:
@@ -725,6 +750,8 @@ class Run:
                         window[k] = window.get(k, 0.0) + v
                     window_steps += 1
                     window_samples += self.global_batch
+                    if cfg.time_limit_s is not None:  # before logging: the step that ends the run is logged
+                        self._fit_time(time.perf_counter() - t_start, start_step)
                     if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                         elapsed = time.perf_counter() - window_start
                         row = {"step": self.step, "epoch": getattr(self.loader, "epoch", 0)}
@@ -747,8 +774,6 @@ class Run:
                             self.reporter.message("  ".join(f"{k} {100 * v:.1f}" for k, v in result.items()
                                                             if v is not None))
                         D.barrier()
-                    if cfg.time_limit_s is not None:
-                        self._fit_time(time.perf_counter() - t_start, start_step)
                     if D.any_rank(self.stop.signal is not None, self._flag_device()):
                         stopped = "signal"
                         break
@@ -765,19 +790,36 @@ class Run:
                            done * self.global_batch / wall if wall > 0 else 0.0, stopped)
 
     def _fit_time(self, elapsed: float, start_step: int) -> None:
-        """--time-limit: after 5 steps, set the total from the measured pace (the schedule follows); stop at the
-        limit in any case. Every rank agrees (the slowest rank's view wins)."""
+        """--time-limit: set the total step count from the measured pace (the schedule follows), first after 5
+        steps, then again after 20 and every 50 steps with the pace measured since step 5 (the first steps pay for
+        start-up: loader workers, first-call allocations); stop at the limit in any case. A resumed run counts the
+        time its earlier part trained. Every rank calls the same collectives at the same steps: whether the limit is
+        reached is decided together (any rank past it stops all), the fit is the slowest rank's."""
         done = self.step - start_step
         limit = self.cfg.time_limit_s
-        if done == 5 or elapsed >= limit:
-            pace = elapsed / done
-            fit = self.step if elapsed >= limit else self.step + int((limit - elapsed) / pace)
-            self.total_steps = max(self.step, D.all_reduce_min(min(fit, self.total_steps), self._flag_device()))
-            if self.cfg.warmup is None:
-                self.warmup = min(self.warmup, self.total_steps // 10)
-            if self.teacher is not None:
-                self.teacher.total_steps = self.total_steps
-            self.reporter.start(self.total_steps, self.step, "")
+        used = self._elapsed_before + elapsed
+        if done == 5:
+            self._pace_mark = elapsed
+        over = D.any_rank(used >= limit, self._flag_device())
+        refit = done == 5 or done == 20 or (done > 20 and done % 50 == 0)
+        if not (refit or over):
+            return
+        if over:
+            fit = self.step
+        else:
+            pace = elapsed / done if done == 5 else (elapsed - self._pace_mark) / (done - 5)
+            fit = self.step + int((limit - used) / pace)
+        self.total_steps = max(self.step, D.all_reduce_min(min(fit, self.cfg_steps_cap), self._flag_device()))
+        if self.cfg.warmup is None:  # only ever shortened: a later, longer fit must not restart the warmup
+            self.warmup = min(self.warmup, self.total_steps // 10)
+        if self.teacher is not None:
+            self.teacher.total_steps = self.total_steps
+        self.reporter.start(self.total_steps, self.step, "")
+
+    def _train_elapsed(self) -> float:
+        """Seconds of training so far, the earlier parts of a resumed run included (for --time-limit)."""
+        start = getattr(self, "_t_start", None)
+        return self._elapsed_before + (time.perf_counter() - start if start is not None else 0.0)
 
     def _flag_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
