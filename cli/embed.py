@@ -157,11 +157,12 @@ def export(
         name, quick = export_openclip(checkpoint, out, which, quick_gelu)
         if name.startswith("{"):  # not a named OpenCLIP config: the constructor's arguments, one JSON line
             typer.echo(f"wrote {out}; OpenCLIP model: open_clip.model.CLIP(**kwargs) with kwargs (vision_cfg / "
-                       "text_cfg as CLIPVisionCfg / CLIPTextCfg), then load_state_dict(torch.load(FILE), strict=True):")
+                       "text_cfg as CLIPVisionCfg / CLIPTextCfg), then "
+                       "load_state_dict(torch.load(FILE, weights_only=True), strict=True):")
             typer.echo(name)
         else:
             typer.echo(f"wrote {out}; OpenCLIP model: open_clip.create_model({name!r}), then "
-                       f"load_state_dict(torch.load({str(out)!r}), strict=True)")
+                       f"load_state_dict(torch.load({str(out)!r}, weights_only=True), strict=True)")
         typer.echo(f"QuickGELU: {'yes (the -quickgelu model name, or quick_gelu=True)' if quick else 'no'}")
     elif fmt == "cosmos":
         export_cosmos(checkpoint, out)

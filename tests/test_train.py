@@ -339,6 +339,34 @@ def test_nproc_2_trains_and_two_nnodes_invocations_rendezvous(synth, tmp_path):
 
 
 @pytest.mark.slow
+def test_torchrun_max_restarts_recovers_a_killed_worker_with_resume_auto(synth, tmp_path):
+    out = tmp_path / "elastic"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+               "-m", "cosmos_cli.main", "train", "--data", str(synth), "--out", str(out), "--steps", "24",
+               "--save-every", "4", "--keep", "100", "--resume", "auto", *FAST]
+    agent = subprocess.Popen(command, env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not list((out / "checkpoints").glob("step_*.pt")):
+            time.sleep(0.1)
+        workers = subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2, workers
+        os.kill(int(workers[-1]), signal.SIGKILL)  # a crash: no handler of ours runs in that worker
+        stdout, stderr = agent.communicate(timeout=300)
+    finally:
+        agent.kill()
+    assert agent.returncode == 0, stderr[-3000:]
+    assert "exitcode: -9" in stderr  # torchrun saw the killed worker (and restarted the group)
+    # the surviving worker stopped with one line, no traceback of the failed collective
+    assert "another process of this run failed" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert torch.load(out / "model.pt", weights_only=True)["step"] == 24
+    # the restarted workers resumed from the last checkpoint: every step is in the log once, none twice
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == list(range(1, 25)), steps
+
+
+@pytest.mark.slow
 def test_val_metrics_epochs_and_synthetic_data(synth, tmp_path):
     out = tmp_path / "val"
     result = invoke("train", "--data", synth, "--out", out, "--epochs", "0.25", "--val", synth, "--val-every", 3,

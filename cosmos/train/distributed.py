@@ -71,8 +71,14 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> World:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(world.local_rank)
-    dist.init_process_group(backend, init_method="env://", rank=world.rank, world_size=world.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, _, _ = next(dist.rendezvous("env://", rank=world.rank, world_size=world.world_size, timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is not None:
+        # torchrun --max-restarts keeps its store across restarts: without a prefix per attempt, a restarted rank
+        # can read the address a dead rank of the previous attempt published, and the group never forms
+        store = dist.PrefixStore(f"cosmos/attempt_{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.world_size, timeout=timeout)
     return world
 
 

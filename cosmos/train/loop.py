@@ -29,6 +29,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -530,7 +531,9 @@ class Run:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.forward = DDP(self.forward, device_ids=ids, broadcast_buffers=False)
+            with warnings.catch_warnings():  # torch >= 2.12 renames it; the old name still means what we want
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*deprecated", category=FutureWarning)
+                self.forward = DDP(self.forward, device_ids=ids, broadcast_buffers=False)
         self.step_fn = TrainStep(self.forward, self.teacher, self.loss_cfg, self.device, self.precision, self.scaler)
         self.step = 0
 
@@ -933,7 +936,25 @@ def check_val(path: str | None) -> None:
 def train(cfg: TrainConfig, reporter: Reporter | None = None) -> TrainResult:
     """Run (or resume) a training run; see the module docstring. Raises CosmosError for bad input before writing."""
     check_val(cfg.val)
-    run = Run(cfg, reporter)
-    result = run.run()
-    D.barrier()
+    try:
+        run = Run(cfg, reporter)
+        result = run.run()
+        D.barrier()
+    except RuntimeError as e:
+        if not _peer_failed(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CosmosError(f"another process of this run failed, so this one stops ({first[:200]}); under torchrun "
+                          "--max-restarts N with --resume auto the run restarts from its last checkpoint") from None
     return result
+
+
+def _peer_failed(error: RuntimeError) -> bool:
+    """A collective that failed because another rank died (gloo / NCCL transport errors, elastic timeouts)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset", "gloo", "Gloo", "NCCL", "timed out"))
