@@ -83,7 +83,7 @@ def run_arm(name: str, seed: int, data: Path, args, out: Path) -> dict:
     from cosmos.zeroshot.synthetic import evaluate_synthetic
 
     evals = {}
-    whos = ["student", "teacher"] if name == "cosmos" else ["student"]
+    whos = ["student", "teacher"] if ARMS[name]["mode"] == "cosmos" else ["student"]  # the others have no teacher
     for who in whos:
         model, _, tokenizer = cosmos.load(run_dir / "model.pt", device="cpu", which=who)
         evals[who] = evaluate_synthetic(model, tokenizer, data, precision=args.precision)
