@@ -223,7 +223,7 @@ def embed(
                 path = todo[index]
                 with Image.open(path) as image:  # the header only
                     width, height = image.size
-                rows.append({**_stat_row(path), "width": width, "height": height})
+                rows.append({**stats[printable(str(path))], "width": width, "height": height})
             done_count = indices[-1] + 1
             if progress:
                 progress(done_count, len(todo))

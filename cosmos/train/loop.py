@@ -515,6 +515,8 @@ class Run:
         self.cfg_steps_cap = self.total_steps  # --time-limit fits the total below this
         self._pace_mark = 0.0
         self._elapsed_before = 0.0  # training time of the earlier parts of a resumed run
+        self._t_start: float | None = None  # when this part's training loop started
+        self.abandoned: list[Path] = []  # newer checkpoints set aside when resuming from an older one
         self.momentum = cfg.ema_momentum if cfg.ema_momentum is not None else default_momentum(self.global_batch)
         self.teacher = None
         if self.loss_cfg.distills:
@@ -593,7 +595,6 @@ class Run:
         # Resumed from an older checkpoint of this run: its newer ones belong to the abandoned continuation. They are
         # set aside (renamed, not deleted), so that neither the rotation of --keep nor `--resume auto` mistakes them
         # for this continuation's.
-        self.abandoned: list[Path] = []
         folder = self.out / CHECKPOINT_DIR
         if self.is_main and folder.is_dir() and self.resume_path.resolve().parent == folder.resolve():
             for newer in sorted(folder.glob("step_*.pt")):
@@ -711,7 +712,7 @@ class Run:
             self.reporter.message(f"--init {cfg.init}: {len(self.init_report['fresh'])} COSMOS tensors it lacks "
                                   "(cross-attention poolers, token mappings, distill_logit_scale) start freshly "
                                   "initialized")
-        if getattr(self, "abandoned", None):
+        if self.abandoned:
             self.reporter.message(f"resumed from step {self.step}: {len(self.abandoned)} newer checkpoint(s) of the "
                                   f"abandoned continuation set aside as {self.abandoned[0].name} ...")
         self._start_metrics()
@@ -821,8 +822,8 @@ class Run:
 
     def _train_elapsed(self) -> float:
         """Seconds of training so far, the earlier parts of a resumed run included (for --time-limit)."""
-        start = getattr(self, "_t_start", None)
-        return self._elapsed_before + (time.perf_counter() - start if start is not None else 0.0)
+        running = time.perf_counter() - self._t_start if self._t_start is not None else 0.0
+        return self._elapsed_before + running
 
     def _flag_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
